@@ -1,0 +1,1 @@
+"""Model cards (TOML), one per model picochat knows by name."""

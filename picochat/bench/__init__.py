@@ -1,0 +1,1 @@
+"""Benchmarks run through the Engine protocol: the load generator behind `picochat bench`."""

@@ -1,0 +1,236 @@
+"""The load generator of ``picochat bench``: fires synthetic requests at any Engine (in process or
+remote) with a concurrency cap or Poisson arrivals, and reports TTFT, TPOT, ITL and end-to-end
+latency, throughputs and goodput with ``vllm bench serve``'s definitions and JSON key names.
+
+Prompts are random token ids (as vLLM's random dataset) and requests ignore EOS, so each produces
+exactly its output length.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+from picochat.config import SamplingParams
+from picochat.engine.protocol import Engine
+from picochat.errors import ConfigError
+
+TOKEN_ID_RANGE = (1000, 20000)  # ordinary tokens in any modern vocabulary, clear of special ids
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    concurrency: int = 1
+    num_prompts: int = 3
+    request_rate: float = float("inf")  # Poisson arrivals per second; inf → all at once
+    input_len: tuple[int, int] = (128, 128)
+    output_len: tuple[int, int] = (128, 128)
+    seed: int = 0
+    warmup: int = 1
+    goodput: tuple[str, ...] = ()  # "ttft:500", "tpot:50", "e2el:2000" (ms)
+
+
+@dataclass
+class RequestResult:
+    input_len: int
+    output_len: int = 0
+    ttft: float = 0.0
+    latency: float = 0.0
+    itl: list[float] = field(default_factory=list)
+    prefill_tok_s: float | None = None  # engine-side, where the engine reports timings
+    decode_tok_s: float | None = None
+    error: str | None = None
+
+
+def parse_len(text: str) -> tuple[int, int]:
+    """'128' → (128, 128); '32:256' → (32, 256)."""
+    try:
+        lo, _, hi = text.partition(":")
+        lo_i, hi_i = int(lo), int(hi or lo)
+    except ValueError:
+        raise ConfigError(f"length must be N or MIN:MAX, got {text!r}") from None
+    if not 1 <= lo_i <= hi_i:
+        raise ConfigError(f"length range must satisfy 1 <= MIN <= MAX, got {text!r}")
+    return lo_i, hi_i
+
+
+def parse_goodput(slos: tuple[str, ...]) -> dict[str, float]:
+    out = {}
+    for slo in slos:
+        name, _, ms = slo.partition(":")
+        if name not in ("ttft", "tpot", "e2el"):
+            raise ConfigError(f"goodput SLO must be ttft:MS, tpot:MS or e2el:MS, got {slo!r}")
+        try:
+            out[name] = float(ms) / 1000.0
+        except ValueError:
+            raise ConfigError(f"goodput SLO needs milliseconds, got {slo!r}") from None
+    return out
+
+
+def make_workload(cfg: BenchConfig) -> list[tuple[list[int], int]]:
+    rng = random.Random(cfg.seed)
+    work = []
+    for _ in range(cfg.num_prompts):
+        n_in = rng.randint(*cfg.input_len)
+        work.append(([rng.randrange(*TOKEN_ID_RANGE) for _ in range(n_in)], rng.randint(*cfg.output_len)))
+    return work
+
+
+def run_one(engine: Engine, prompt: list[int], output_len: int) -> RequestResult:
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    result = RequestResult(input_len=len(prompt))
+    start = time.perf_counter()
+    last = start
+    try:
+        stream = engine.submit(prompt, params)
+        for delta in stream:
+            t = time.perf_counter()
+            if delta.token_ids:
+                if result.output_len == 0:
+                    result.ttft = t - start
+                else:
+                    result.itl.append(t - last)
+                last = t
+                result.output_len += len(delta.token_ids)
+            if delta.finished:
+                if delta.error:
+                    result.error = delta.error
+                if delta.timings is not None:
+                    result.prefill_tok_s = delta.timings.prefill_tok_s
+                    result.decode_tok_s = delta.timings.decode_tok_s
+    except Exception as e:  # a failed request is reported, not fatal to the run
+        result.error = f"{type(e).__name__}: {e}"
+    result.latency = time.perf_counter() - start
+    return result
+
+
+def run_load(engine: Engine, cfg: BenchConfig, on_done=None) -> tuple[list[RequestResult], float]:
+    """Run the workload; returns per-request results and the benchmark's wall duration."""
+    work = make_workload(cfg)
+    rng = random.Random(cfg.seed + 1)
+    slots = threading.Semaphore(cfg.concurrency)
+    results: list[RequestResult | None] = [None] * len(work)
+    threads = []
+
+    def worker(i: int, prompt: list[int], n_out: int) -> None:
+        try:
+            results[i] = run_one(engine, prompt, n_out)
+        finally:
+            slots.release()
+            if on_done:
+                on_done()
+
+    start = time.perf_counter()
+    for i, (prompt, n_out) in enumerate(work):
+        slots.acquire()
+        th = threading.Thread(target=worker, args=(i, prompt, n_out), daemon=True)
+        th.start()
+        threads.append(th)
+        if cfg.request_rate != float("inf") and i + 1 < len(work):
+            time.sleep(rng.expovariate(cfg.request_rate))
+    for th in threads:
+        th.join()
+    return [r for r in results if r is not None], time.perf_counter() - start
+
+
+def summarize(results: list[RequestResult], duration: float, cfg: BenchConfig) -> dict:
+    ok = [r for r in results if r.error is None]
+    out: dict = {
+        "completed": len(ok), "failed": len(results) - len(ok), "duration": duration,
+        "max_concurrency": cfg.concurrency, "request_rate": cfg.request_rate,
+        "total_input_tokens": sum(r.input_len for r in ok),
+        "total_output_tokens": sum(r.output_len for r in ok),
+    }
+    out["request_throughput"] = len(ok) / duration
+    out["output_throughput"] = out["total_output_tokens"] / duration
+    out["total_token_throughput"] = (out["total_input_tokens"] + out["total_output_tokens"]) / duration
+    series = {
+        "ttft": [r.ttft for r in ok],
+        "tpot": [(r.latency - r.ttft) / (r.output_len - 1) for r in ok if r.output_len > 1],
+        "itl": [x for r in ok for x in r.itl],
+        "e2el": [r.latency for r in ok],
+    }
+    for name, values in series.items():
+        ms = [v * 1000 for v in values] or [0.0]
+        out[f"mean_{name}_ms"] = statistics.fmean(ms)
+        out[f"median_{name}_ms"] = statistics.median(ms)
+        out[f"std_{name}_ms"] = statistics.pstdev(ms)
+        for p in (50, 90, 99):
+            out[f"p{p}_{name}_ms"] = percentile(ms, p)
+    slos = parse_goodput(cfg.goodput)
+    if slos:
+        good = sum(1 for r in ok if all(_meets(r, k, v) for k, v in slos.items()))
+        out["request_goodput"] = good / duration
+    for key in ("prefill_tok_s", "decode_tok_s"):
+        values = [getattr(r, key) for r in ok if getattr(r, key) is not None]
+        out[f"median_{key}"] = statistics.median(values) if values else None
+    return out
+
+
+def _meets(r: RequestResult, slo: str, limit_s: float) -> bool:
+    if slo == "ttft":
+        return r.ttft <= limit_s
+    if slo == "tpot":
+        return r.output_len <= 1 or (r.latency - r.ttft) / (r.output_len - 1) <= limit_s
+    return r.latency <= limit_s
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Linear-interpolated percentile (numpy's default)."""
+    xs = sorted(values)
+    k = (len(xs) - 1) * p / 100
+    lo = int(k)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def run_bench(engine: Engine, cfg: BenchConfig, as_json: bool) -> dict:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    err = Console(stderr=True)
+    if cfg.warmup:
+        warm = BenchConfig(concurrency=1, num_prompts=cfg.warmup, input_len=cfg.input_len,
+                           output_len=(8, 8), seed=cfg.seed + 7)
+        run_load(engine, warm)
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=err, transient=True) as bar:
+        task = bar.add_task("benchmark", total=cfg.num_prompts)
+        results, duration = run_load(engine, cfg, on_done=lambda: bar.advance(task))
+    summary = summarize(results, duration, cfg)
+    info = engine.info
+    summary.update(model=info.model, dtype=info.dtype, quant=info.quant, device=info.device)
+    print_table(summary, err if as_json else Console())
+    if as_json:
+        print(json.dumps(summary))
+    return summary
+
+
+def print_table(s: dict, console) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"picochat bench — {s['model']} ({s['dtype']}, quant {s['quant']}, {s['device']})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    rows = [("completed / failed", f"{s['completed']} / {s['failed']}"),
+            ("duration (s)", f"{s['duration']:.2f}"),
+            ("request throughput (req/s)", f"{s['request_throughput']:.2f}"),
+            ("output throughput (tok/s)", f"{s['output_throughput']:.1f}"),
+            ("total token throughput (tok/s)", f"{s['total_token_throughput']:.1f}")]
+    if s.get("median_prefill_tok_s") is not None:
+        rows.append(("median prefill (tok/s, engine)", f"{s['median_prefill_tok_s']:.1f}"))
+    if s.get("median_decode_tok_s") is not None:
+        rows.append(("median decode (tok/s, per request)", f"{s['median_decode_tok_s']:.1f}"))
+    for name, label in (("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"), ("e2el", "E2E latency")):
+        rows.append((f"{label} mean / p50 / p90 / p99 (ms)",
+                     " / ".join(f"{s[f'{k}_{name}_ms']:.1f}" for k in ("mean", "p50", "p90", "p99"))))
+    if "request_goodput" in s:
+        rows.append(("goodput (req/s)", f"{s['request_goodput']:.2f}"))
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)

@@ -1,0 +1,1 @@
+"""The inference engine: requests, scheduler, paged KV cache, runner, sampler, speculation, metrics. Never imports textual."""

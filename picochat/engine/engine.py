@@ -1,0 +1,382 @@
+"""LocalEngine: the Engine protocol in process. The engine loop runs on its own thread.
+
+Callers (TUI, CLI, server, benchmarks) talk to it only through the protocol: ``submit`` validates
+and queues a request on a thread-safe inbox and returns its Stream; the loop thread drains the
+inbox, runs ``scheduler.schedule() → runner.execute() → sampler → outputs`` and pushes Deltas.
+Settings changed by ``reconfigure`` are applied between steps. The engine knows nothing about
+how its output is shown.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import traceback
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from picochat.config import EngineConfig, SamplingParams, SchedulerConfig, cache_dir
+from picochat.engine import sampling
+from picochat.engine.kv_cache import KVCacheManager
+from picochat.engine.outputs import OutputProcessor
+from picochat.engine.protocol import (Delta, EngineInfo, MetricsSnapshot, Prompt, RequestTimings,
+                                      Stream, now)
+from picochat.engine.request import Request
+from picochat.engine.runner import ModelRunner
+from picochat.engine.scheduler import Scheduler, SchedulerOutput
+from picochat.errors import (ConfigError, EngineClosedError, PicochatError, PromptTooLongError,
+                             QueueFullError)
+from picochat.kernels import dispatch
+from picochat.model.transformer import Transformer
+
+ProgressFn = Callable[[str, "float | None"], None]
+log = logging.getLogger("picochat.engine")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+THROUGHPUT_WINDOW_S = 2.0
+RECENT_REQUESTS = 64
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: Transformer
+    tokenizer: object  # picochat.model.tokenizer.Tokenizer
+
+
+def load_model(config: EngineConfig, device: torch.device, progress: ProgressFn | None = None) -> LoadedModel:
+    """Resolve a card name or path, fetch if needed, and build the transformer."""
+    from picochat.model import registry
+    from picochat.model.loader import load_checkpoint
+
+    resolved = registry.resolve_model(config.model, fetch=True, progress=progress)
+    if progress:
+        progress(f"Loading {resolved.path.name}", None)
+    template = resolved.card.chat_template if resolved.card else None
+    ckpt = load_checkpoint(resolved.path, DTYPES[config.dtype], chat_template=template)
+    model = Transformer.from_hf_tensors(ckpt.config, ckpt.tensors, DTYPES[config.dtype]).to(device)
+    name = resolved.card.name if resolved.card else resolved.path.name
+    return LoadedModel(name, model, ckpt.tokenizer)
+
+
+class LocalEngine:
+    def __init__(self, config: EngineConfig, progress: ProgressFn | None = None,
+                 loaded: LoadedModel | None = None):
+        self.config = config.validate()
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.device = torch.device(
+            "cuda" if config.device == "auto" and torch.cuda.is_available() else
+            ("cpu" if config.device == "auto" else config.device))
+        self.dtype = DTYPES[config.dtype]
+        loaded = loaded or load_model(config, self.device, progress)
+        self.model_name = loaded.name
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        mcfg = self.model.config
+        self.max_model_len = min(config.max_model_len or mcfg.max_position_embeddings,
+                                 mcfg.max_position_embeddings)
+        self.attention_backend = self._resolve_attention(config.attention)
+        self.model.set_attention_backend(self.attention_backend)
+        if config.quant.mode != "none":
+            self._apply_quant(config.quant, progress)
+
+        sched_cfg = config.scheduler
+        self.kv = KVCacheManager(self._num_kv_blocks(sched_cfg), sched_cfg.block_size,
+                                 sched_cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(sched_cfg, self.kv)
+        self.runner = ModelRunner(self.model, self.kv, self.dtype, self.device)
+        self.outputs = OutputProcessor(self.tokenizer)
+
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._num_waiting_submitted = 0
+        self._counters = dict(prompt_tokens=0, generation_tokens=0, finished=0)
+        self._steps: deque[tuple[float, float, int, int, int]] = deque()  # (t, dur, prefill, decode, tokens)
+        self._recent: deque[RequestTimings] = deque(maxlen=RECENT_REQUESTS)
+        self._thread = threading.Thread(target=self._loop, name="picochat-engine", daemon=True)
+        self._thread.start()
+
+    # ----------------------------------------------------------------------------- protocol
+    @property
+    def info(self) -> EngineInfo:
+        s = self.scheduler.config
+        return EngineInfo(
+            model=self.model_name, dtype=self.config.dtype, quant=self.config.quant.mode,
+            device=str(self.device), attention=self.attention_backend, max_model_len=self.max_model_len,
+            spec=self.config.spec.mode, max_num_seqs=s.max_num_seqs,
+            max_num_batched_tokens=s.max_num_batched_tokens,
+            unsupported={"spec": "speculative decoding is not implemented yet",
+                         "model": "switching models needs a restart: picochat --model NAME"})
+
+    def count_prompt_tokens(self, prompt: Prompt) -> int:
+        return len(self._prompt_ids(prompt))
+
+    def submit(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None) -> Stream:
+        if self._closed:
+            raise EngineClosedError("the engine is shut down")
+        params.validate()
+        ids = self._prompt_ids(prompt)
+        if not ids:
+            raise PromptTooLongError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise PromptTooLongError(
+                f"prompt is {len(ids)} tokens; the context holds {self.max_model_len} "
+                f"(prompt plus at least one new token)")
+        max_total = min(len(ids) + params.max_tokens, self.max_model_len)
+        if max_total > self.kv.capacity_tokens:
+            raise PromptTooLongError(
+                f"request needs {max_total} tokens of KV cache; the pool holds {self.kv.capacity_tokens} "
+                f"(raise --kv-cache-mb or lower max_tokens)")
+        with self._lock:
+            if self._num_waiting_submitted >= self.scheduler.config.max_waiting:
+                raise QueueFullError(f"{self._num_waiting_submitted} requests are queued; try again later")
+            self._num_waiting_submitted += 1
+        request_id = request_id or f"req-{next(self._ids)}"
+        stream = Stream(request_id, self.cancel)
+        stops = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos
+                                                    else frozenset(self.tokenizer.stop_token_ids))
+        req = Request(request_id=request_id, token_ids=list(ids), num_prompt_tokens=len(ids),
+                      params=params, max_total_tokens=max_total, stream=stream,
+                      timings=RequestTimings(request_id, arrival=now(), prompt_tokens=len(ids)),
+                      stop_token_ids=stops, generator=sampling.make_generator(params.seed))
+        self._inbox.put(("add", req))
+        return stream
+
+    def cancel(self, request_id: str) -> None:
+        self._inbox.put(("cancel", request_id))
+
+    def reconfigure(self, **changes) -> None:
+        unknown = set(changes) - {"attention", "scheduler", "quant", "spec", "model"}
+        if unknown:
+            raise ConfigError(f"cannot reconfigure {', '.join(sorted(unknown))}")
+        if "model" in changes and changes["model"] != self.config.model:
+            raise ConfigError(self.info.unsupported["model"])
+        if "spec" in changes and changes["spec"].mode != "off":
+            raise ConfigError(self.info.unsupported["spec"])
+        if "attention" in changes:
+            self._resolve_attention(changes["attention"])
+        if "scheduler" in changes:
+            new: SchedulerConfig = changes["scheduler"].validate()
+            old = self.scheduler.config
+            if ((new.block_size, new.kv_cache_memory_mb, new.num_kv_blocks, new.enable_prefix_caching)
+                    != (old.block_size, old.kv_cache_memory_mb, old.num_kv_blocks, old.enable_prefix_caching)):
+                raise ConfigError("block size, KV memory and prefix caching are fixed at start (restart with new flags)")
+        if "quant" in changes:
+            changes["quant"].validate()
+        self._inbox.put(("reconfigure", changes))
+
+    def metrics(self) -> MetricsSnapshot:
+        from picochat import system
+
+        t = now()
+        with self._lock:
+            steps = [s for s in self._steps if s[0] >= t - THROUGHPUT_WINDOW_S]
+            recent = tuple(r.copy() for r in self._recent)
+            counters = dict(self._counters)
+            running, waiting = len(self.scheduler.running), len(self.scheduler.waiting)
+        prefill_time = sum(s[1] for s in steps if s[2])
+        decode_time = sum(s[1] for s in steps if s[3])
+        stats = self.kv.stats
+        return MetricsSnapshot(
+            time=t, num_requests_running=running, num_requests_waiting=waiting,
+            num_preemptions_total=self.scheduler.num_preemptions,
+            kv_cache_usage_perc=self.kv.usage, kv_blocks_used=self.kv.num_blocks - self.kv.num_free_blocks,
+            kv_blocks_total=self.kv.num_blocks,
+            prefix_cache_queries_total=stats.queries, prefix_cache_hits_total=stats.hits,
+            prompt_tokens_total=counters["prompt_tokens"], generation_tokens_total=counters["generation_tokens"],
+            requests_finished_total=counters["finished"],
+            prefill_tok_s=sum(s[2] for s in steps) / prefill_time if prefill_time else 0.0,
+            decode_tok_s=sum(s[3] for s in steps) / decode_time if decode_time else 0.0,
+            tokens_per_step=float(steps[-1][4]) if steps else 0.0,
+            weight_bytes=self.weight_bytes(), quant=self.config.quant.mode,
+            memory=system.device_stats(), recent_requests=recent)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._inbox.put(("close", None))
+            self._thread.join(timeout=10)
+
+    # ------------------------------------------------------------------------------ helpers
+    def weight_bytes(self) -> int:
+        seen, total = set(), 0
+        for t in itertools.chain(self.model.parameters(), self.model.buffers()):
+            if id(t) not in seen and t is not self.model.cos_sin:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+        return total
+
+    def _prompt_ids(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        if prompt and isinstance(prompt[0], dict):
+            return self.tokenizer.encode_chat(prompt, add_generation_prompt=True)  # type: ignore[arg-type]
+        ids = list(prompt)  # type: ignore[arg-type]
+        vocab = self.model.config.vocab_size
+        if any(not isinstance(i, int) or not 0 <= i < vocab for i in ids):
+            raise ConfigError(f"token ids must be integers in [0, {vocab})")
+        return ids
+
+    def _resolve_attention(self, name: str) -> str:
+        try:
+            return dispatch.resolve_attention_backend(name, self.device)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    def _num_kv_blocks(self, cfg: SchedulerConfig) -> int:
+        if cfg.num_kv_blocks is not None:
+            return cfg.num_kv_blocks
+        per_block = ModelRunner.kv_bytes_per_block(self.model.config, cfg.block_size, self.dtype)
+        if cfg.kv_cache_memory_mb is not None:
+            budget = cfg.kv_cache_memory_mb << 20
+        elif self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * 0.5)
+        else:
+            import psutil
+            budget = min(1 << 30, psutil.virtual_memory().available // 10)
+            budget = max(budget, per_block * (self.max_model_len // cfg.block_size + 1))
+        blocks = budget // per_block
+        if blocks < 1:
+            raise ConfigError(f"KV cache budget of {budget >> 20} MiB holds no block of {per_block} bytes")
+        return int(blocks)
+
+    def _apply_quant(self, quant, progress: ProgressFn | None) -> None:
+        from picochat.model import quantize
+
+        replacements = quantize.build_quantized_linears(self.model, quant, progress)
+        quantize.swap_linears(self.model, replacements)
+
+    # --------------------------------------------------------------------------------- loop
+    def _loop(self) -> None:
+        while True:
+            if not self._drain_inbox(block=not self.scheduler.has_work):
+                break
+            if not self.scheduler.has_work:
+                continue
+            sched = self.scheduler.schedule()
+            if not sched.chunks:
+                self._drain_inbox(block=True, timeout=0.005)
+                continue
+            started = now()
+            try:
+                logits, rows = self.runner.execute(sched)
+                self._process(sched, logits, rows, started)
+            except Exception as e:  # a bug: fail this step's requests, keep serving the rest
+                log.error("engine step failed:\n%s", traceback.format_exc())
+                for chunk in sched.chunks:
+                    self._finish(chunk.request, "error", error=f"internal error: {type(e).__name__}: {e}")
+
+    def _drain_inbox(self, block: bool, timeout: float | None = None) -> bool:
+        """Apply queued commands; returns False when the engine must stop."""
+        try:
+            item = self._inbox.get(timeout=timeout) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return True
+        while True:
+            kind, payload = item
+            if kind == "close":
+                for req in list(self._requests.values()):
+                    self._finish(req, "cancelled")
+                return False
+            if kind == "add":
+                self._requests[payload.request_id] = payload
+                self.scheduler.add(payload)
+                with self._lock:
+                    self._num_waiting_submitted -= 1
+            elif kind == "cancel":
+                req = self._requests.get(payload)
+                if req is not None:
+                    self._finish(req, "cancelled")
+            elif kind == "reconfigure":
+                self._apply_changes(payload)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _apply_changes(self, changes: dict) -> None:
+        import dataclasses
+
+        if "attention" in changes:
+            self.attention_backend = self._resolve_attention(changes["attention"])
+            self.model.set_attention_backend(self.attention_backend)
+            self.config = dataclasses.replace(self.config, attention=changes["attention"])
+        if "scheduler" in changes:
+            self.scheduler.config = changes["scheduler"]
+            self.config = dataclasses.replace(self.config, scheduler=changes["scheduler"])
+        if "quant" in changes and changes["quant"] != self.config.quant:
+            self._apply_quant(changes["quant"], None)
+            self.config = dataclasses.replace(self.config, quant=changes["quant"])
+
+    def _process(self, sched: SchedulerOutput, logits: torch.Tensor, rows: list[int], started: float) -> None:
+        sampling_chunks = [c for c, r in zip(sched.chunks, rows) if r]
+        tokens: list[int] = []
+        if sampling_chunks:
+            tokens = sampling.sample(logits, [
+                sampling.SamplingRow(c.request.params, c.request.prompt_token_ids,
+                                     c.request.output_token_ids, c.request.generator)
+                for c in sampling_chunks]).tolist()
+        t = now()
+        prefill_tokens = decode_tokens = 0
+        sampled = iter(tokens)
+        for chunk, r in zip(sched.chunks, rows):
+            req = chunk.request
+            is_decode = req.num_output_tokens > 0 and chunk.num_new_tokens == 1 + len(req.spec_token_ids)
+            req.num_computed_tokens += chunk.num_new_tokens
+            self.kv.cache_full_blocks(req.request_id, req.token_ids, req.num_computed_tokens)
+            if is_decode:
+                decode_tokens += 1
+            else:
+                prefill_tokens += chunk.num_new_tokens
+            if r:
+                self._append_token(req, next(sampled), t)
+        with self._lock:
+            self._steps.append((t, t - started, prefill_tokens, decode_tokens, sched.num_tokens))
+            while self._steps and self._steps[0][0] < t - THROUGHPUT_WINDOW_S:
+                self._steps.popleft()
+
+    def _append_token(self, req: Request, token: int, t: float) -> None:
+        req.token_ids.append(token)
+        timings = req.timings
+        if timings.first_token is None:
+            timings.first_token = t
+            with self._lock:
+                self._counters["prompt_tokens"] += req.num_prompt_tokens
+        else:
+            timings.itl.append(t - (req.last_token_time or t))
+        req.last_token_time = t
+        timings.output_tokens += 1
+        with self._lock:
+            self._counters["generation_tokens"] += 1
+        text, finish = self.outputs.on_token(req, token)
+        if finish is None and req.num_tokens >= req.max_total_tokens:
+            finish = "length"
+        if finish is None:
+            req.stream._put(Delta(req.request_id, text, (token,)))
+        else:
+            self._finish(req, finish, text=text, token_ids=(token,))
+
+    def _finish(self, req: Request, reason: str, text: str = "", token_ids: tuple[int, ...] = (),
+                error: str | None = None) -> None:
+        if reason != "error":
+            text += self.outputs.flush(req)
+        self.scheduler.finish(req)
+        self._requests.pop(req.request_id, None)
+        req.timings.finished = now()
+        req.timings.finish_reason = reason  # type: ignore[assignment]
+        snapshot = req.timings.copy()
+        with self._lock:
+            self._counters["finished"] += 1
+            self._recent.append(snapshot)
+        req.stream._put(Delta(req.request_id, text, token_ids, finish_reason=reason,  # type: ignore[arg-type]
+                              timings=snapshot, error=error))

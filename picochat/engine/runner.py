@@ -1,0 +1,79 @@
+"""The model runner: owns the model and its paged K/V tensors, turns a SchedulerOutput into one
+flat varlen batch (input ids, positions, slot mapping, block tables) and runs the model once.
+
+It returns logits only for the rows that sample: the last token of each chunk that reaches the
+end of its request's tokens, and — for requests with draft tokens — every verified position.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from picochat.kernels.reference import AttentionMetadata
+from picochat.model.transformer import KVCache, Transformer
+from picochat.engine.kv_cache import KVCacheManager
+from picochat.engine.scheduler import SchedulerOutput
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, kv: KVCacheManager, dtype: torch.dtype, device: torch.device):
+        self.model = model
+        self.kv = kv
+        self.device = device
+        cfg = model.config
+        shape = (kv.num_blocks, kv.block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.caches = [KVCache(torch.zeros(shape, dtype=dtype, device=device),
+                               torch.zeros(shape, dtype=dtype, device=device)) for _ in range(cfg.num_layers)]
+
+    @staticmethod
+    def kv_bytes_per_block(model_cfg, block_size: int, dtype: torch.dtype) -> int:
+        return model_cfg.kv_bytes_per_token(torch.tensor([], dtype=dtype).element_size()) * block_size
+
+    def execute(self, sched: SchedulerOutput) -> tuple[torch.Tensor, list[int]]:
+        """Run one step. Returns (logits [R, V] fp32, rows per chunk: how many logits rows each
+        chunk owns — 0 for a prefill chunk that does not sample, 1 + drafts for one that does)."""
+        bs = self.kv.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_lens: list[int] = []
+        seq_lens: list[int] = []
+        tables: list[list[int]] = []
+        logits_indices: list[int] = []
+        rows_per_chunk: list[int] = []
+        for chunk in sched.chunks:
+            req = chunk.request
+            start, n = req.num_computed_tokens, chunk.num_new_tokens
+            tokens = req.token_ids + req.spec_token_ids if req.spec_token_ids else req.token_ids
+            table = self.kv.block_table(req.request_id)
+            offset = len(input_ids)
+            input_ids.extend(tokens[start:start + n])
+            pos = range(start, start + n)
+            positions.extend(pos)
+            slots.extend(table[p // bs] * bs + p % bs for p in pos)
+            query_lens.append(n)
+            seq_lens.append(start + n)
+            tables.append(table)
+            if chunk.samples:
+                rows = 1 + len(req.spec_token_ids)
+                logits_indices.extend(range(offset + n - rows, offset + n))
+                rows_per_chunk.append(rows)
+            else:
+                rows_per_chunk.append(0)
+        width = max(len(t) for t in tables)
+        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        qsl = [0]
+        for n in query_lens:
+            qsl.append(qsl[-1] + n)
+        meta = AttentionMetadata(
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=self.device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=self.device),
+            block_tables=block_tables.to(self.device),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=self.device),
+            query_lens_cpu=query_lens, seq_lens_cpu=seq_lens, block_size=bs)
+        logits = self.model(
+            torch.tensor(input_ids, dtype=torch.int64, device=self.device),
+            torch.tensor(positions, dtype=torch.int64, device=self.device),
+            meta, self.caches,
+            torch.tensor(logits_indices, dtype=torch.int64, device=self.device))
+        return logits, rows_per_chunk

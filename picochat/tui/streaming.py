@@ -1,0 +1,41 @@
+"""Reading a Stream on a worker thread and handing it to the UI at a capped rate.
+
+Deltas can arrive hundreds of times a second; repainting Markdown that often costs the engine
+CPU time and makes the screen flicker. :func:`pump` joins the deltas that arrive within one
+repaint interval into one :class:`ReplyChunk`, so the UI sees at most ``max_rate_hz`` chunks a
+second, then one :class:`ReplyFinished`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from textual.message import Message
+
+from picochat.engine.protocol import Stream
+from picochat.tui.messages import ReplyChunk, ReplyFinished
+
+MAX_REPAINTS_PER_S = 25.0
+
+
+def pump(stream: Stream, post: Callable[[Message], object], max_rate_hz: float = MAX_REPAINTS_PER_S) -> None:
+    """Post the stream's text as batched chunks, then its end. Blocks until the stream ends."""
+    interval = 1.0 / max_rate_hz
+    pending: list[str] = []
+    next_flush = time.perf_counter()
+    while True:
+        wait = max(0.0, next_flush - time.perf_counter()) if pending else None
+        delta = stream.get(timeout=wait)
+        if delta is not None:
+            pending.append(delta.text)
+        now = time.perf_counter()
+        if pending and (now >= next_flush or (delta is not None and delta.finished)):
+            text = "".join(pending)
+            pending.clear()
+            if text:
+                post(ReplyChunk(stream.request_id, text))
+            next_flush = now + interval
+        if delta is not None and delta.finished:
+            post(ReplyFinished(stream.request_id, delta.finish_reason, delta.timings, delta.error))
+            return

@@ -1,0 +1,34 @@
+"""Run an app on an ephemeral loopback port in a background thread, for tests."""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+import httpx
+import uvicorn
+from fastapi import FastAPI
+
+from picochat.server.app import bind
+
+
+@contextmanager
+def live_server(app: FastAPI, *, wait_ready: bool = True) -> Iterator[str]:
+    """Yield the base URL while uvicorn serves ``app``; with ``wait_ready``, once /health is 200."""
+    sock = bind("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        while not server.started:
+            time.sleep(0.01)
+        while wait_ready and httpx.get(url + "/health").status_code != 200:
+            time.sleep(0.02)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join()
+        sock.close()

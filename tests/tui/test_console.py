@@ -1,0 +1,267 @@
+"""Pilot tests of the console on the fake engine: chatting, cancelling, the palette, export,
+themes, resume and the loading screen."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import threading
+
+from conftest import FixedMetricsEngine, console, open_chat, send, wait_reply_done, wait_until
+from fake_engine import DEFAULT_REPLY, FakeEngine
+from picochat.config import load_user_config
+from picochat.errors import ModelLoadError
+from picochat.tui import transcript
+from picochat.tui.app import make_app
+from picochat.tui.messages import MetricsUpdated
+from picochat.tui.screens.help import HelpScreen
+from picochat.tui.screens.loading import LoadingScreen
+from picochat.tui.screens.value_dialog import ValueDialog
+from picochat.tui.widgets.message_view import MessageView
+from picochat.tui.widgets.metric_plot import MetricPlot
+from picochat.tui.widgets.prompt_input import PromptInput
+from picochat.tui.widgets.request_timeline import RequestTimeline
+from picochat.tui.widgets.status_bar import StatusBar
+
+pytestmark = pytest.mark.anyio
+
+
+async def run_palette_command(pilot, query: str) -> None:
+    await pilot.press("ctrl+p")
+    await pilot.press(*query)
+    await pilot.pause(0.3)  # the palette searches asynchronously
+    await pilot.press("enter")
+    await pilot.pause()
+
+
+async def test_message_streams_a_markdown_reply():
+    engine = FakeEngine()
+    app = console(engine)
+    async with app.run_test() as pilot:
+        screen = await open_chat(pilot)
+        await send(pilot, "hello")
+        await wait_reply_done(pilot, screen)
+        views = list(screen.query(MessageView))
+        assert [v.role for v in views] == ["user", "assistant"]
+        assert views[1].text == DEFAULT_REPLY
+        assert engine.submitted[0][0] == [{"role": "user", "content": "hello"}]
+        code_blocks = screen.query("MarkdownFence")
+        assert code_blocks and "print('hi')" in code_blocks.first().code
+        saved = transcript.latest()
+        assert saved is not None and [m.content for m in saved.messages] == ["hello", DEFAULT_REPLY]
+
+
+async def test_escape_cancels_and_keeps_the_partial_reply():
+    engine = FakeEngine(reply=" ".join(f"w{i}" for i in range(400)), token_delay_s=0.01)
+    app = console(engine)
+    async with app.run_test() as pilot:
+        screen = await open_chat(pilot)
+        await send(pilot, "count")
+        await wait_until(pilot, lambda: screen._reply is not None and len(screen._reply.text) > 10, "some text")
+        await pilot.press("escape")
+        await wait_reply_done(pilot, screen)
+        reply = screen.transcript.messages[-1]
+        assert reply.stats.finish_reason == "cancelled"
+        assert reply.content.startswith("w0 w1") and len(reply.content.split()) < 400
+        assert screen.query(MessageView).last().text == reply.content
+
+
+async def test_keys_stay_live_while_streaming():
+    engine = FakeEngine(reply=" ".join(f"w{i}" for i in range(300)), token_delay_s=0.01)
+    app = console(engine)
+    async with app.run_test() as pilot:
+        screen = await open_chat(pilot)
+        await send(pilot, "go")
+        await pilot.press(*"next question")
+        assert screen.streaming
+        assert screen.query_one(PromptInput).text == "next question"
+        await pilot.press("escape")
+        await wait_reply_done(pilot, screen)
+
+
+async def test_palette_temperature_applies_to_the_next_request():
+    engine = FakeEngine()
+    app = console(engine)
+    async with app.run_test() as pilot:
+        screen = await open_chat(pilot)
+        await run_palette_command(pilot, "sampling: temperature")
+        assert isinstance(app.screen, ValueDialog)
+        await pilot.press("ctrl+a", *"0.25", "enter")  # select_on_focus: typing replaces the value
+        await wait_until(pilot, lambda: app.screen is screen, "the dialog to close")
+        assert screen.sampling.temperature == 0.25
+        assert "T=0.25" in str(screen.query_one(StatusBar).render())
+        await send(pilot, "hi")
+        await wait_reply_done(pilot, screen)
+        assert engine.submitted[-1][1].temperature == 0.25
+
+
+async def test_invalid_palette_input_shows_an_error_and_keeps_the_old_value():
+    app = console(FakeEngine())
+    async with app.run_test() as pilot:
+        screen = await open_chat(pilot)
+        await run_palette_command(pilot, "sampling: top-p")
+        dialog = app.screen
+        assert isinstance(dialog, ValueDialog)
+        for bad, message in (("1.5", "top_p must be in (0, 1]"), ("abc", "not a valid number")):
+            dialog.query_one("Input").value = bad
+            await pilot.press("enter")
+            await pilot.pause()
+            assert app.screen is dialog
+            assert message in str(dialog.query_one("#error").render())
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: app.screen is screen, "the dialog to close")
+        assert screen.sampling.top_p == 1.0
+
+
+async def test_unsupported_setting_is_listed_disabled_with_the_reason():
+    engine = FakeEngine()
+    app = console(engine)
+    async with app.run_test() as pilot:
+        await open_chat(pilot)
+        await run_palette_command(pilot, "spec: n-gram")
+        await pilot.pause()
+        assert engine.reconfigured == []
+        assert any("not available in the fake engine" in str(n.message) for n in app._notifications)
+
+
+async def test_engine_setting_goes_through_reconfigure():
+    engine = FakeEngine()
+    app = console(engine)
+    async with app.run_test() as pilot:
+        await open_chat(pilot)
+        await run_palette_command(pilot, "quant: int8")
+        await app.workers.wait_for_complete()
+        assert engine.reconfigured[-1]["quant"].mode == "int8"
+
+
+async def test_export_writes_the_turn(xdg_dirs):
+    app = console(FakeEngine())
+    async with app.run_test() as pilot:
+        screen = await open_chat(pilot)
+        await send(pilot, "export me")
+        await wait_reply_done(pilot, screen)
+        await run_palette_command(pilot, "export: transcript as Markdown")
+        await run_palette_command(pilot, "export: transcript as JSON")
+    exports = xdg_dirs / "data" / "picochat" / "exports"
+    markdown = next(exports.glob("*.md")).read_text()
+    assert "export me" in markdown and "print('hi')" in markdown
+    data = json.loads(next(exports.glob("*.json")).read_text())
+    assert [m["role"] for m in data["messages"]] == ["user", "assistant"]
+
+
+async def test_prompt_that_does_not_fit_is_refused_with_a_message():
+    engine = FakeEngine(max_model_len=16)
+    app = console(engine)
+    async with app.run_test() as pilot:
+        screen = await open_chat(pilot)
+        long_text = " ".join(["word"] * 40)
+        await send(pilot, long_text)
+        await pilot.pause()
+        assert engine.submitted == [] and screen.transcript.messages == []
+        assert screen.query_one(PromptInput).text == long_text  # nothing typed is lost
+        assert any("context holds 16" in str(n.message) for n in app._notifications)
+
+
+async def test_regenerate_and_new_chat():
+    engine = FakeEngine(reply="one two")
+    app = console(engine)
+    async with app.run_test() as pilot:
+        screen = await open_chat(pilot)
+        await send(pilot, "q")
+        await wait_reply_done(pilot, screen)
+        first_id = screen.transcript.id
+        await pilot.press("ctrl+r")
+        await wait_until(pilot, lambda: len(engine.submitted) == 2, "the second request")
+        await wait_reply_done(pilot, screen)
+        assert [m.role for m in screen.transcript.messages] == ["user", "assistant"]
+        assert len(screen.query(MessageView)) == 2
+        await pilot.press("ctrl+n")
+        await pilot.pause()
+        assert screen.transcript.messages == [] and screen.transcript.id != first_id
+        assert len(screen.query(MessageView)) == 0
+
+
+async def test_input_history_and_newline_key():
+    app = console(FakeEngine(reply="ok"))
+    async with app.run_test() as pilot:
+        screen = await open_chat(pilot)
+        await send(pilot, "first")
+        await wait_reply_done(pilot, screen)
+        prompt = screen.query_one(PromptInput)
+        await pilot.press(*"ab", "ctrl+j", *"cd")
+        assert prompt.text == "ab\ncd"
+        prompt.clear()
+        await pilot.press("up")
+        assert prompt.text == "first"
+        await pilot.press("down")
+        assert prompt.text == ""
+
+
+async def test_resume_reopens_the_last_chat():
+    engine = FakeEngine(reply="remembered")
+    async with console(engine).run_test() as pilot:
+        screen = await open_chat(pilot)
+        await send(pilot, "keep this")
+        await wait_reply_done(pilot, screen)
+    app = console(engine, resume=True)
+    async with app.run_test() as pilot:
+        screen = await open_chat(pilot)
+        assert [v.text for v in screen.query(MessageView)] == ["keep this", "remembered"]
+        await pilot.press("up")
+        assert screen.query_one(PromptInput).text == "keep this"
+
+
+async def test_theme_is_persisted():
+    app = console(FakeEngine())
+    async with app.run_test() as pilot:
+        await open_chat(pilot)
+        await run_palette_command(pilot, "theme: light")
+        assert app.theme == "light"
+    assert load_user_config()["theme"] == "light"
+    assert console(FakeEngine()).theme == "light"
+
+
+async def test_loading_screen_shows_progress_then_a_one_line_error():
+    release = threading.Event()
+
+    def factory(progress):
+        progress("fetching smollm2", 0.5)
+        release.wait(10)
+        raise ModelLoadError("model file is truncated")
+
+    app = make_app(factory, metrics_interval=None)
+    async with app.run_test() as pilot:
+        await wait_until(pilot, lambda: isinstance(app.screen, LoadingScreen)
+                         and "fetching" in str(app.screen.query_one("#description").render()), "progress")
+        release.set()
+        await wait_until(pilot, lambda: "truncated" in str(app.screen.query_one("#error").render()), "the error")
+        assert "Traceback" not in str(app.screen.query_one("#error").render())
+
+
+async def test_help_and_metrics_panels():
+    engine = FixedMetricsEngine()
+    app = console(engine)
+    async with app.run_test(size=(100, 32)) as pilot:
+        screen = await open_chat(pilot)
+        screen.post_message(MetricsUpdated(engine.metrics()))
+        await pilot.pause()
+        assert screen.query_one("#kv", MetricPlot).value_text == "16/64 25%"
+        assert screen.query_one("#waiting", MetricPlot).value_text == "2"
+        assert [t.request_id for t in screen.query_one(RequestTimeline).requests] == ["req-1", "req-2", "req-3"]
+        await pilot.press("f1")
+        assert isinstance(app.screen, HelpScreen)
+        await pilot.press("escape")
+        assert app.screen is screen
+
+
+async def test_load_fires_concurrent_requests():
+    engine = FakeEngine(reply="x y z")
+    app = console(engine)
+    async with app.run_test() as pilot:
+        await open_chat(pilot)
+        await run_palette_command(pilot, "load: fire")
+        assert isinstance(app.screen, ValueDialog)
+        await pilot.press("ctrl+a", "5", "enter")
+        await app.workers.wait_for_complete()
+        assert len(engine.submitted) == 5
