@@ -3,6 +3,13 @@
 Backends for attention: ``triton`` (CUDA only), ``sdpa`` (torch SDPA per sequence, the fast CPU
 path), ``reference`` (plain fp32 math). ``auto`` picks triton on CUDA when triton imports, else
 sdpa. Tests and the palette override with :func:`set_attention_backend`.
+
+Norms, RoPE and the quantized matmuls have two backends, ``triton`` (CUDA only) and ``torch`` (the
+reference twins); :func:`resolve_kernel_backend` picks one per device, tests override it with
+:func:`set_kernel_backend`. The quantized matmuls store their weights differently per backend
+(``quant_reference.pack_int4`` for Triton, torch's int4pack on the CPU), so the quantization code
+picks its backend once, when it packs the weights, and then calls :func:`int8_matmul` /
+:func:`int4_matmul` (Triton only) or its own CPU kernels.
 """
 
 from __future__ import annotations
@@ -17,7 +24,10 @@ from picochat.kernels import reference
 AttentionFn = Callable[..., torch.Tensor]
 BACKENDS = ("auto", "triton", "sdpa", "reference")
 
+KERNEL_BACKENDS = ("auto", "triton", "torch")
+
 _attention_override: str | None = None
+_kernel_override: str | None = None
 
 
 def triton_available() -> bool:
@@ -54,3 +64,51 @@ def attention_fn(backend: str) -> AttentionFn:
         from picochat.kernels import triton_attention
         return triton_attention.paged_attention
     raise ValueError(f"unknown attention backend {backend!r}")
+
+
+def resolve_kernel_backend(device: torch.device) -> str:
+    """``triton`` or ``torch`` for the norm, RoPE and quantized matmul kernels on ``device``."""
+    name = _kernel_override or "auto"
+    if name == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if name == "triton" and not (device.type == "cuda" and triton_available()):
+        raise ValueError("kernel backend 'triton' needs a CUDA GPU with triton installed")
+    return name
+
+
+def set_kernel_backend(name: str | None) -> None:
+    """Force the norm / RoPE / quantized matmul backend everywhere (tests); None removes it."""
+    global _kernel_override
+    if name is not None and name not in KERNEL_BACKENDS:
+        raise ValueError(f"kernel backend must be one of {', '.join(KERNEL_BACKENDS)}, got {name!r}")
+    _kernel_override = name
+
+
+def rms_norm_fn(device: torch.device) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """``f(x, weight, eps, residual=None) -> (normed, new_residual)``."""
+    if resolve_kernel_backend(device) == "triton":
+        from picochat.kernels import triton_norm_rope
+        return triton_norm_rope.rms_norm
+    return reference.rms_norm
+
+
+def rope_fn(device: torch.device) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """``f(q, k, positions, cos_sin) -> (q_rotated, k_rotated)``."""
+    if resolve_kernel_backend(device) == "triton":
+        from picochat.kernels import triton_norm_rope
+        return triton_norm_rope.apply_rope
+    return reference.apply_rope
+
+
+def int8_matmul(x: torch.Tensor, w_int8: torch.Tensor, scales: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton (CUDA) ``x [..., K] @ (w_int8 [N, K] * scales[:, None]).T (+ bias)`` in x's dtype."""
+    from picochat.kernels import triton_quant_matmul
+    return triton_quant_matmul.int8_linear(x, w_int8, scales, bias)
+
+
+def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group: int,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton (CUDA) int4 matmul over ``packed = quant_reference.pack_int4(q)`` [N, K // 2] uint8."""
+    from picochat.kernels import triton_quant_matmul
+    return triton_quant_matmul.int4_linear(x, packed, scales_and_zeros, group, bias)

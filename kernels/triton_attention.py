@@ -11,6 +11,8 @@ new tokens are one key range. Layouts are those of ``reference.py``; scheduling,
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -180,7 +182,8 @@ def _decode_split_kernel(
     out = tl.where(has_keys[:, None], acc / tl.where(has_keys, l_i, 1.0)[:, None], 0.0)
     store_mask = mask_g[:, None] & mask_d[None, :]
     if NUM_SPLITS == 1:
-        ptrs = out_ptr + q_start.to(tl.int64) * stride_o0 + heads[:, None] * stride_o1 + offs_d[None, :] * stride_o2
+        row = q_start.to(tl.int64) * stride_o0 + heads[:, None] * stride_o1
+        ptrs = out_ptr + row + offs_d[None, :] * stride_o2
         tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=store_mask)
     else:
         row = seq.to(tl.int64) * stride_o0 + heads[:, None] * stride_o1 + split * stride_o2
@@ -309,6 +312,7 @@ def _max_decode_keys(meta: AttentionMetadata, sliding_window: int | None) -> int
     return longest if sliding_window is None else min(longest, sliding_window)
 
 
+@functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 1  # the interpreter: one split unless a test asks for more

@@ -17,8 +17,10 @@ DEFAULT_REPLY = "Hello! Here is some **Markdown**:\n\n```python\nprint('hi')\n``
 
 class FakeEngine:
     def __init__(self, reply: str = DEFAULT_REPLY, token_delay_s: float = 0.005,
-                 max_model_len: int = 2048):
+                 max_model_len: int = 2048, first_token_gate: threading.Event | None = None):
+        """``first_token_gate``: requests hold their first token until it is set (a long prefill)."""
         self.reply = reply
+        self.first_token_gate = first_token_gate
         self.token_delay_s = token_delay_s
         self.max_model_len = max_model_len
         self.submitted: list[tuple[Prompt, SamplingParams]] = []
@@ -60,6 +62,8 @@ class FakeEngine:
         t.scheduled = time.perf_counter()
         with self._lock:
             self._running += 1
+        if self.first_token_gate is not None:
+            self.first_token_gate.wait()
         words = self.reply.split(" ")[: params.max_tokens]
         reason = "stop" if len(self.reply.split(" ")) <= params.max_tokens else "length"
         for i, word in enumerate(words):

@@ -60,6 +60,13 @@ def test_greedy_rows_ignore_temperature_and_masks_but_not_penalties():
     assert sample(logits, [greedy]).tolist() == [1]
 
 
+def test_temperature_below_epsilon_is_greedy():
+    logits = torch.tensor([[0.0, 1.0, 1.0 - 1e-6]])
+    r = row(temperature=1e-6)
+    assert probs(logits, [r]).tolist() == [[0.0, 1.0, 0.0]]
+    assert sample(logits, [r]).tolist() == [1]
+
+
 def test_mixed_batch_keeps_greedy_rows_greedy():
     logits = torch.tensor([[0.0, 9.0, 0.0], [1.0, 1.0, 1.0], [7.0, 0.0, 0.0]])
     rows = [row(temperature=0.0), row(temperature=1.0, top_k=1), row(temperature=0.0)]

@@ -5,11 +5,11 @@ from pathlib import Path
 
 import gguf
 import pytest
+from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as BackendTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from picochat.errors import ConfigError, ModelLoadError
-from picochat.model.tokenizer import Tokenizer
+from picochat.model.tokenizer import Tokenizer, _byte_level_pre_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -67,7 +67,7 @@ def test_gguf_encode_matches_hf(ours: Tokenizer, hf, text: str) -> None:
 
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 @pytest.mark.parametrize("name", CHATS)
-def test_encode_chat_matches_hf_apply_chat_template(ours: Tokenizer, hf, name: str, add_generation_prompt: bool) -> None:
+def test_encode_chat_matches_hf_apply_chat_template(ours: Tokenizer, hf, name: str, add_generation_prompt: bool):
     messages = CHATS[name]
     expected = hf.apply_chat_template(
         messages, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=False
@@ -146,12 +146,12 @@ def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     corpus = ["hello world, the user and the assistant talk", "system prompts say hello", "be brief"] * 20
     backend.train_from_iterator(corpus, trainer)
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
     backend.save(str(directory / "tokenizer.json"))
     config = {
         "bos_token": "<s>",
         "eos_token": {"__type": "AddedToken", "content": "</s>", "lstrip": False, "rstrip": False,
                       "normalized": False, "single_word": False, "special": True},  # fmt: skip
-        "add_bos_token": True,
         "chat_template": HF_DIR_TEMPLATE,
         "tokenizer_class": "PreTrainedTokenizerFast",
     }
@@ -220,3 +220,16 @@ def test_broken_template_and_missing_files_are_user_errors(hf_dir: Path, tmp_pat
         Tokenizer.from_hf_dir(hf_dir, chat_template="{% for m in messages %}")
     with pytest.raises(ModelLoadError, match="tokenizer.json"):
         Tokenizer.from_hf_dir(tmp_path)
+
+
+@pytest.mark.parametrize("pre", ["llama-bpe", "qwen2"])
+def test_split_regexes_match_transformers_gguf_loader(pre: str) -> None:
+    mapping = pytest.importorskip("transformers.integrations.gguf.gguf_tokenizer_mapping")
+    theirs = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(mapping.GGUF_PRE_TOKENIZER_SPLITS[pre]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    text = "Hello 1234567 world's DON'T\n\n  x\t\ty 日本語 😀!!"
+    assert _byte_level_pre_tokenizer(pre).pre_tokenize_str(text) == theirs.pre_tokenize_str(text)

@@ -9,6 +9,7 @@ how its output is shown.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import queue
@@ -16,11 +17,12 @@ import threading
 import traceback
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 
-from picochat.config import EngineConfig, SamplingParams, SchedulerConfig, cache_dir
+from picochat.config import EngineConfig, QuantConfig, SamplingParams, SchedulerConfig
 from picochat.engine import sampling
 from picochat.engine.kv_cache import KVCacheManager
 from picochat.engine.outputs import OutputProcessor
@@ -47,21 +49,22 @@ class LoadedModel:
     name: str
     model: Transformer
     tokenizer: object  # picochat.model.tokenizer.Tokenizer
+    path: Path | None = None  # the checkpoint, for rebuilding linears on a live quant switch
 
 
 def load_model(config: EngineConfig, device: torch.device, progress: ProgressFn | None = None) -> LoadedModel:
-    """Resolve a card name or path, fetch if needed, and build the transformer."""
+    """Resolve a card name or path, fetch if needed, and build the (quantized) transformer."""
     from picochat.model import registry
-    from picochat.model.loader import load_checkpoint
+    from picochat.model.build import build_transformer
 
     resolved = registry.resolve_model(config.model, fetch=True, progress=progress)
     if progress:
         progress(f"Loading {resolved.path.name}", None)
     template = resolved.card.chat_template if resolved.card else None
-    ckpt = load_checkpoint(resolved.path, DTYPES[config.dtype], chat_template=template)
-    model = Transformer.from_hf_tensors(ckpt.config, ckpt.tensors, DTYPES[config.dtype]).to(device)
+    model, tokenizer = build_transformer(resolved.path, DTYPES[config.dtype], config.quant, device,
+                                         chat_template=template, progress=progress)
     name = resolved.card.name if resolved.card else resolved.path.name
-    return LoadedModel(name, model, ckpt.tokenizer)
+    return LoadedModel(name, model, tokenizer, resolved.path)
 
 
 class LocalEngine:
@@ -76,15 +79,15 @@ class LocalEngine:
         self.dtype = DTYPES[config.dtype]
         loaded = loaded or load_model(config, self.device, progress)
         self.model_name = loaded.name
+        self.model_path = loaded.path
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         mcfg = self.model.config
         self.max_model_len = min(config.max_model_len or mcfg.max_position_embeddings,
                                  mcfg.max_position_embeddings)
         self.attention_backend = self._resolve_attention(config.attention)
-        self.model.set_attention_backend(self.attention_backend)
-        if config.quant.mode != "none":
-            self._apply_quant(config.quant, progress)
+        self.model.select_kernels(self.attention_backend, self.device)
+        self._activity: str | None = None  # a background change in progress, for the status bar
 
         sched_cfg = config.scheduler
         self.kv = KVCacheManager(self._num_kv_blocks(sched_cfg), sched_cfg.block_size,
@@ -172,6 +175,8 @@ class LocalEngine:
                 raise ConfigError("block size, KV memory and prefix caching are fixed at start (restart with new flags)")
         if "quant" in changes:
             changes["quant"].validate()
+            if self.model_path is None:
+                raise ConfigError("this model was built in memory; its weights cannot be re-quantized")
         self._inbox.put(("reconfigure", changes))
 
     def metrics(self) -> MetricsSnapshot:
@@ -197,7 +202,7 @@ class LocalEngine:
             prefill_tok_s=sum(s[2] for s in steps) / prefill_time if prefill_time else 0.0,
             decode_tok_s=sum(s[3] for s in steps) / decode_time if decode_time else 0.0,
             tokens_per_step=float(steps[-1][4]) if steps else 0.0,
-            weight_bytes=self.weight_bytes(), quant=self.config.quant.mode,
+            weight_bytes=self.weight_bytes(), quant=self.config.quant.mode, activity=self._activity,
             memory=system.device_stats(), recent_requests=recent)
 
     def close(self) -> None:
@@ -208,12 +213,8 @@ class LocalEngine:
 
     # ------------------------------------------------------------------------------ helpers
     def weight_bytes(self) -> int:
-        seen, total = set(), 0
-        for t in itertools.chain(self.model.parameters(), self.model.buffers()):
-            if id(t) not in seen and t is not self.model.cos_sin:
-                seen.add(id(t))
-                total += t.numel() * t.element_size()
-        return total
+        from picochat.model.quantize import weight_bytes
+        return weight_bytes(self.model)
 
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -250,11 +251,24 @@ class LocalEngine:
             raise ConfigError(f"KV cache budget of {budget >> 20} MiB holds no block of {per_block} bytes")
         return int(blocks)
 
-    def _apply_quant(self, quant, progress: ProgressFn | None) -> None:
-        from picochat.model import quantize
+    def _start_quant_switch(self, quant: QuantConfig) -> None:
+        """Build the new linears on a helper thread while the old ones keep serving; the loop
+        swaps them in between two steps."""
+        from picochat.model.build import prepare_linears
 
-        replacements = quantize.build_quantized_linears(self.model, quant, progress)
-        quantize.swap_linears(self.model, replacements)
+        def progress(description: str, fraction: float | None) -> None:
+            self._activity = description + (f" {fraction:.0%}" if fraction is not None else "")
+
+        def work() -> None:
+            try:
+                progress(f"preparing {quant.mode} weights", 0.0)
+                linears = prepare_linears(self.model_path, self.dtype, quant, self.device, progress)
+                self._inbox.put(("swap_linears", (quant, linears)))
+            except Exception as e:  # reported in the status line; the old weights keep serving
+                log.error("quantization switch failed:\n%s", traceback.format_exc())
+                self._activity = f"quantization switch failed: {e}"
+
+        threading.Thread(target=work, name="picochat-quantize", daemon=True).start()
 
     # --------------------------------------------------------------------------------- loop
     def _loop(self) -> None:
@@ -299,24 +313,30 @@ class LocalEngine:
                     self._finish(req, "cancelled")
             elif kind == "reconfigure":
                 self._apply_changes(payload)
+            elif kind == "swap_linears":
+                self._swap_linears(*payload)
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return True
 
     def _apply_changes(self, changes: dict) -> None:
-        import dataclasses
-
         if "attention" in changes:
             self.attention_backend = self._resolve_attention(changes["attention"])
-            self.model.set_attention_backend(self.attention_backend)
+            self.model.select_kernels(self.attention_backend, self.device)
             self.config = dataclasses.replace(self.config, attention=changes["attention"])
         if "scheduler" in changes:
             self.scheduler.config = changes["scheduler"]
             self.config = dataclasses.replace(self.config, scheduler=changes["scheduler"])
         if "quant" in changes and changes["quant"] != self.config.quant:
-            self._apply_quant(changes["quant"], None)
-            self.config = dataclasses.replace(self.config, quant=changes["quant"])
+            self._start_quant_switch(changes["quant"])
+
+    def _swap_linears(self, quant: QuantConfig, linears: dict) -> None:
+        from picochat.model.quantize import swap_linears
+
+        swap_linears(self.model, linears)  # the old modules are dropped here and freed
+        self.config = dataclasses.replace(self.config, quant=quant)
+        self._activity = None
 
     def _process(self, sched: SchedulerOutput, logits: torch.Tensor, rows: list[int], started: float) -> None:
         sampling_chunks = [c for c, r in zip(sched.chunks, rows) if r]

@@ -221,6 +221,7 @@ class MetricsSnapshot:
     spec_decode_accepted_per_pos: tuple[int, ...] | None = None
     weight_bytes: int | None = None
     quant: str | None = None
+    activity: str | None = None  # a background change in progress ("preparing int4 weights 40%")
     memory: tuple[DeviceStats, ...] = ()
     recent_requests: tuple[RequestTimings, ...] = ()  # last finished requests, oldest first
 

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from picochat.config import SamplingParams
 
-GREEDY_TEMPERATURE = 1e-5  # below this a row is greedy (dividing by it would overflow)
+GREEDY_TEMPERATURE = 1e-5  # vLLM's epsilon: a smaller temperature means greedy
 # Top-p first looks for its cut among the row's largest logits: topk(256) of 49,152 logits takes
 # ~0.25 ms on this CPU, a full sort ~5 ms. Rows whose candidates hold less than top_p fall back
 # to the full sort; both give the same cut.
@@ -37,6 +37,7 @@ class SamplingRow:
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]  # tokens generated so far (the engine appends to it)
     generator: torch.Generator | None  # per request, from make_generator(params.seed); None → global RNG
+    # (any device: its draws are moved to the logits' device)
 
     @property
     def greedy(self) -> bool:
@@ -126,7 +127,7 @@ def _penalised(params: SamplingParams) -> bool:
 
 
 def _apply_penalties(logits: Tensor, rows: Sequence[SamplingRow]) -> None:
-    """In place; touches only the ids each row has seen (a dense [B, V] torch.where costs ~1 ms a row on CPU)."""
+    """In place, touching only the ids each row has seen (gather/scatter), never a dense [B, V] select."""
     device = logits.device
     repeat = [i for i, row in enumerate(rows)
               if row.params.repetition_penalty != 1.0 and (row.prompt_token_ids or row.output_token_ids)]
@@ -182,7 +183,7 @@ def _temperature_and_masks(logits: Tensor, params: Sequence[SamplingParams]) -> 
         logits.div_(torch.tensor([p.temperature for p in params], device=device).unsqueeze(1))
     top_k = [i for i, p in enumerate(params) if 0 < p.top_k < vocab]
     if top_k:
-        ks = torch.tensor([params[i].top_k for i in top_k], device=device).unsqueeze(1)
+        ks = [params[i].top_k for i in top_k]
         _update_rows(logits, top_k, lambda sub: _mask_below(sub, _top_k_thresholds(sub, ks)))
     top_p = [i for i, p in enumerate(params) if p.top_p < 1.0]
     if top_p:
@@ -201,10 +202,10 @@ def _mask_below(logits: Tensor, threshold: Tensor) -> Tensor:
     return logits.masked_fill_(logits < threshold, -math.inf)
 
 
-def _top_k_thresholds(logits: Tensor, ks: Tensor) -> Tensor:
-    """[N, 1] the k-th largest logit of each row (ks: [N, 1], each in 1..V-1)."""
-    largest = logits.topk(int(ks.max()), dim=-1).values  # [N, max k], descending
-    return largest.gather(1, ks - 1)
+def _top_k_thresholds(logits: Tensor, ks: Sequence[int]) -> Tensor:
+    """[N, 1] the k-th largest logit of each row (each k in 1..V-1)."""
+    largest = logits.topk(max(ks), dim=-1).values  # [N, max k], descending
+    return largest.gather(1, torch.tensor(ks, device=logits.device).unsqueeze(1) - 1)
 
 
 def _top_p_thresholds(logits: Tensor, ps: Tensor) -> Tensor:

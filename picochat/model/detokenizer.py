@@ -15,9 +15,9 @@ from collections.abc import Sequence
 
 from picochat.model.tokenizer import Tokenizer
 
-# A UTF-8 character is at most 4 bytes, so at most 4 tokens. A U+FFFD that survives more unread
-# tokens than that comes from invalid bytes the model produced, not an unfinished character.
-_MAX_HELD_TOKENS = 4
+# Text is held only while no complete character ends it, which real output resolves within a few
+# tokens; a longer run can only be invalid bytes, and is emitted (as U+FFFD) to keep the window small.
+_MAX_HELD_TOKENS = 32
 
 
 class IncrementalDetokenizer:
@@ -34,10 +34,10 @@ class IncrementalDetokenizer:
         if not token_ids:
             return ""  # sliding now would drop the prefix the next token needs for context
         self._window.extend(token_ids)
-        prefix_text = self._decode(self._window[: self._read])
         text = self._decode(self._window)
         if text.endswith("\ufffd") and len(self._window) - self._read <= _MAX_HELD_TOKENS:
             return ""
+        prefix_text = self._decode(self._window[: self._read])
         # The unread tokens become the next prefix.
         self._window = self._window[self._read :]
         self._read = len(self._window)

@@ -103,6 +103,8 @@ def config_from_gguf(reader: GGUFReader, path: Path) -> ModelConfig:
         )
     except ModelLoadError as e:
         raise ModelLoadError(f"{path}: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise ModelLoadError(f"{path}: bad GGUF metadata value ({e})") from None
 
 
 def read_gguf_tensors(reader: GGUFReader, config: ModelConfig, path: Path, dtype: torch.dtype,
@@ -115,7 +117,7 @@ def read_gguf_tensors(reader: GGUFReader, config: ModelConfig, path: Path, dtype
         name = hf_name(t.name, path)
         shape = tuple(int(n) for n in reversed(t.shape.tolist()))  # GGUF lists ne0 (= K) first
         qtype = t.tensor_type.name
-        order = _row_order(name, config)
+        order = _row_order(name, shape, config)
         if keep_quantized and qtype in QUANTIZED_LINEAR_TYPES and _is_linear(name):
             if len(shape) != 2 or shape[1] % BLOCK_SIZE:
                 raise ModelLoadError(f"{path}: tensor {t.name} has an unexpected shape {shape}")
@@ -143,12 +145,14 @@ def unpermute_order(rows: int, num_heads: int) -> torch.Tensor:
     return torch.arange(rows).reshape(num_heads, rows // num_heads // 2, 2).transpose(1, 2).reshape(-1)
 
 
-def _row_order(name: str, config: ModelConfig) -> torch.Tensor | None:
+def _row_order(name: str, shape: tuple[int, ...], config: ModelConfig) -> torch.Tensor | None:
+    """The un-permuting row order for a llama Q/K weight or bias (None for a wrong row count:
+    the shape check reports it)."""
     if config.architecture not in ("llama", "mistral"):
         return None
-    if ".self_attn.q_proj." in name:
+    if ".self_attn.q_proj." in name and shape[0] == config.q_size:
         return unpermute_order(config.q_size, config.num_heads)
-    if ".self_attn.k_proj." in name:
+    if ".self_attn.k_proj." in name and shape[0] == config.kv_size:
         return unpermute_order(config.kv_size, config.num_kv_heads)
     return None
 

@@ -10,8 +10,9 @@ Shared with the Triton kernels (``kernels/triton_quant_matmul.py``) — keep the
   ``_weight_int4pack_mm_for_cpu``.
 
 Quantizers round to nearest, so the round-trip error is at most half a scale per element (plus
-float rounding). Everything here is plain tensor math in fp32 on the weight's device; packing for a
-kernel is the modules' business (``quant_linear``), GGUF blocks are ``quant_gguf``'s.
+float rounding). Everything here is plain tensor math in fp32 on the weight's device; the
+reference matmuls live in ``kernels/quant_reference.py``, packing for a kernel in ``quant_linear``,
+GGUF blocks in ``quant_gguf``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from picochat.errors import ConfigError
+from picochat.kernels import quant_reference
 
 INT4_GROUP_SIZES = (32, 64, 128)
 
@@ -31,8 +33,9 @@ def _safe_divisor(scale: torch.Tensor) -> torch.Tensor:
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``w [N, K]`` → ``(w_int8 [N, K] int8, scales [N] fp32)``, symmetric per output channel."""
     w = w.float()
-    scales = w.abs().amax(dim=1) / 127  # [N]
-    w_int8 = (w / _safe_divisor(scales)[:, None]).round().clamp(-127, 127).to(torch.int8)
+    lo, hi = torch.aminmax(w, dim=1)
+    scales = torch.maximum(hi, -lo) / 127  # [N]
+    w_int8 = (w / _safe_divisor(scales)[:, None]).round_().clamp_(-127, 127).to(torch.int8)
     return w_int8, scales
 
 
@@ -41,8 +44,8 @@ def dequantize_int8(w_int8: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return w_int8.float() * scales.float()[:, None]
 
 
-def check_int4_shape(n: int, k: int, group: int) -> None:
-    """Raise ConfigError unless an ``[n, k]`` weight can be split into int4 groups of ``group``."""
+def check_int4_group(k: int, group: int) -> None:
+    """Raise ConfigError unless a weight of width ``k`` splits into int4 groups of ``group``."""
     if group not in INT4_GROUP_SIZES:
         raise ConfigError(f"int4 group size must be 32, 64 or 128, got {group}")
     if k % group:
@@ -59,20 +62,16 @@ def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tens
     ``scale = (max - min) / 15`` and ``zero = min + 8 * scale``.
     """
     n, k = w.shape
-    check_int4_shape(n, k, group)
+    check_int4_group(k, group)
     groups = w.float().reshape(n, k // group, group)  # [N, K/g, g]
-    lo = groups.amin(dim=-1)  # [N, K/g]
-    scale = (groups.amax(dim=-1) - lo) / 15
-    q = ((groups - lo[..., None]) / _safe_divisor(scale)[..., None]).round().clamp(0, 15)
+    lo, hi = torch.aminmax(groups, dim=-1)  # [N, K/g]
+    scale = (hi - lo) / 15
+    q = (groups - lo[..., None]).div_(_safe_divisor(scale)[..., None]).round_().clamp_(0, 15)
     zero = lo + 8 * scale
     scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
     return q.to(torch.uint8).reshape(n, k), scales_and_zeros
 
 
 def dequantize_int4(q: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
-    """``(q [N, K] 0..15, scales_and_zeros [K // g, N, 2])`` → ``w [N, K] fp32``."""
-    n, k = q.shape
-    n_groups = scales_and_zeros.shape[0]
-    sz = scales_and_zeros.float().transpose(0, 1)  # [N, K/g, 2]
-    groups = q.reshape(n, n_groups, k // n_groups).float() - 8  # [N, K/g, g]
-    return (groups * sz[..., 0:1] + sz[..., 1:2]).reshape(n, k)
+    """``(q [N, K] 0..15, scales_and_zeros [K // g, N, 2])`` → ``w [N, K] fp32`` (the kernels' twin)."""
+    return quant_reference.dequantize_int4(q, scales_and_zeros, q.shape[1] // scales_and_zeros.shape[0])

@@ -1,21 +1,22 @@
 """``Int8Linear`` and ``Int4Linear``: drop-in ``nn.Linear`` replacements over the quant formats.
 
 Each module is built on its target device and picks a backend once, which fixes how it stores the
-weight (so a module is not moved between devices afterwards — build a new one):
+weight (so a module is not moved between devices afterwards — build a new one). ``auto`` asks
+``picochat.kernels.dispatch.resolve_kernel_backend``: ``triton`` there means ``triton`` here,
+``torch`` means ``packed`` on the CPU (``reference`` for shapes the packed kernels cannot take)
+and ``reference`` elsewhere.
 
-- ``packed`` (CPU): torch's packed kernels, ``_weight_int8pack_mm`` and
-  ``_weight_int4pack_mm_for_cpu``. Both are fast only with bf16 activations, so inputs are cast to
-  bf16, scales (and bias) are stored in bf16, and the output is cast back to the input's dtype.
-  Measured here (batch 1, the default model's four linears × 30 layers): fp32 inputs cast to bf16
-  cost ~6.2 ms a pass vs ~6.0 ms for bf16 inputs, for int8 and int4 alike; feeding fp32 to the
-  kernels directly would cost ~89 ms (int8) and ~181 ms (int4).
-  The int8 kernel needs K % 16 == 0 (it returns garbage otherwise) and the int4 pack needs
-  N % 16 == 0; ``auto`` falls back to ``reference`` for such shapes.
-- ``triton`` (CUDA): ``picochat.kernels.dispatch.int8_matmul(x, w_int8, scales)`` /
-  ``int4_matmul(x, q, scales_and_zeros, group)`` (x ``[M, K]`` → ``[M, N]`` in x's dtype), used
-  when dispatch provides them and triton is available; looked up lazily.
-- ``reference``: dequantize to fp32, then ``F.linear`` — the exact math, for tests and as the
-  fallback anywhere else.
+- ``packed`` (CPU): torch's ``_weight_int8pack_mm`` and ``_weight_int4pack_mm_for_cpu``. Both are
+  fast only with bf16 activations, so inputs are cast to bf16, scales and bias are stored in bf16,
+  and the output is cast back to the input's dtype. Measured here (batch 1, the default model's
+  four linears × 30 layers): fp32 inputs cast to bf16 cost ~6.2 ms a pass vs ~6.0 ms for bf16
+  inputs, int8 and int4 alike; fp32 fed to the kernels directly would cost ~89 ms (int8) and
+  ~181 ms (int4). The int8 kernel needs K % 16 == 0 (it returns garbage otherwise), the int4
+  pack N % 16 == 0. Rounding: that of x to bf16, of the scales to bf16 and of the output; the
+  sums run in fp32 (int8 applies its scale after the sum, int4 dequantizes in fp32).
+- ``triton`` (CUDA): ``kernels/triton_quant_matmul.py`` (imported lazily), int4 weights stored as
+  ``quant_reference.pack_int4`` nibbles, fp32 scales.
+- ``reference``: the fp32 twins in ``kernels/quant_reference.py`` — for tests, and the fallback.
 """
 
 from __future__ import annotations
@@ -23,36 +24,29 @@ from __future__ import annotations
 from typing import Callable, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from picochat.model.quant_formats import check_int4_shape, dequantize_int4, dequantize_int8
+from picochat.kernels import dispatch, quant_reference
+from picochat.model.quant_formats import check_int4_group
 
 Backend = Literal["auto", "packed", "reference", "triton"]
 BACKENDS: tuple[Backend, ...] = ("auto", "packed", "reference", "triton")
-_INT4_INNER_K_TILES = 2  # an argument of torch's int4 pack; no effect on CPU
+_INT4_INNER_K_TILES = 2  # an argument of torch's CPU int4 pack; no effect on CPU
 
 
-def _triton_kernel(name: str) -> Callable[..., torch.Tensor] | None:
-    """``picochat.kernels.dispatch.<name>`` when dispatch has it and triton can run, else None."""
-    from picochat.kernels import dispatch
-
-    kernel = getattr(dispatch, name, None)
-    return kernel if kernel is not None and dispatch.triton_available() else None
-
-
-def _resolve_backend(requested: Backend, device: torch.device, packed_fits: bool, kernel: str) -> Backend:
+def _resolve_backend(requested: Backend, device: torch.device, packed_fits: bool) -> Backend:
     """The backend a module on ``device`` uses; ValueError for an impossible explicit choice."""
     if requested not in BACKENDS:
         raise ValueError(f"quant backend must be one of {', '.join(BACKENDS)}, got {requested!r}")
     can_pack = device.type == "cpu" and packed_fits
-    can_triton = device.type == "cuda" and _triton_kernel(kernel) is not None
     if requested == "auto":
-        return "packed" if can_pack else "triton" if can_triton else "reference"
+        if dispatch.resolve_kernel_backend(device) == "triton":
+            return "triton"
+        return "packed" if can_pack else "reference"
     if requested == "packed" and not can_pack:
-        raise ValueError(f"quant backend 'packed' needs a CPU tensor of a supported shape ({kernel})")
-    if requested == "triton" and not can_triton:
-        raise ValueError(f"quant backend 'triton' needs CUDA, triton and dispatch.{kernel}")
+        raise ValueError("quant backend 'packed' needs a CPU weight of a shape torch's kernel takes")
+    if requested == "triton" and not (device.type == "cuda" and dispatch.triton_available()):
+        raise ValueError("quant backend 'triton' needs a CUDA GPU with triton installed")
     return requested
 
 
@@ -65,19 +59,27 @@ class QuantLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.backend = backend
-        # the dtype the matmul produces, in which scales and bias are stored
-        self.compute_dtype = torch.bfloat16 if backend == "packed" else torch.float32
+        # scales and bias are stored in the dtype the backend computes them in
+        self.param_dtype = torch.bfloat16 if backend == "packed" else torch.float32
         if bias is not None and tuple(bias.shape) != (out_features,):
             raise ValueError(f"bias of shape {tuple(bias.shape)} for {out_features} outputs")
-        bias = None if bias is None else bias.detach().to(device=device, dtype=self.compute_dtype)
+        bias = None if bias is None else bias.detach().to(device=device, dtype=self.param_dtype)
         self.register_buffer("bias", bias)
+        # triton / reference: f(x [..., K], weights…, bias) -> [..., N] in x's dtype
+        self._linear: Callable[..., torch.Tensor] | None = None
 
-    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [M, K]`` → ``[M, N]`` (no bias) in the backend's output dtype."""
+    def _packed_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """bf16 ``x [M, K]`` → bf16 ``[M, N]`` (no bias) on torch's packed CPU kernel."""
+        raise NotImplementedError
+
+    def _weight_args(self) -> tuple:
+        """The arguments between x and bias of the triton / reference linear."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._matmul(x.reshape(-1, self.in_features))  # [M, N]
+        if self._linear is not None:
+            return self._linear(x, *self._weight_args(), self.bias)
+        y = self._packed_matmul(x.reshape(-1, self.in_features).to(torch.bfloat16))  # [M, N]
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
@@ -100,18 +102,21 @@ class Int8Linear(QuantLinear):
         if w_int8.dtype != torch.int8 or tuple(scales.shape) != (n,):
             raise ValueError(f"int8 weight needs int8 [N, K] and scales [N], got {w_int8.dtype} "
                              f"{tuple(w_int8.shape)} and {tuple(scales.shape)}")
-        resolved = _resolve_backend(backend, w_int8.device, packed_fits=k % 16 == 0, kernel="int8_matmul")
+        resolved = _resolve_backend(backend, w_int8.device, packed_fits=k % 16 == 0)
         super().__init__(k, n, bias, resolved, w_int8.device)
         self.register_buffer("w_int8", w_int8.contiguous())  # [N, K]
-        self.register_buffer("scales", scales.to(self.compute_dtype).contiguous())  # [N]
-        self._triton = _triton_kernel("int8_matmul") if resolved == "triton" else None
+        self.register_buffer("scales", scales.to(self.param_dtype).contiguous())  # [N]
+        if resolved == "triton":
+            from picochat.kernels.triton_quant_matmul import int8_linear
+            self._linear = int8_linear
+        elif resolved == "reference":
+            self._linear = quant_reference.int8_linear_reference
 
-    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend == "packed":
-            return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.w_int8, self.scales)
-        if self._triton is not None:
-            return self._triton(x, self.w_int8, self.scales)
-        return F.linear(x.float(), dequantize_int8(self.w_int8, self.scales))
+    def _packed_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x, self.w_int8, self.scales)
+
+    def _weight_args(self) -> tuple:
+        return self.w_int8, self.scales
 
 
 class Int4Linear(QuantLinear):
@@ -124,25 +129,26 @@ class Int4Linear(QuantLinear):
         if n_groups == 0 or k % n_groups or tuple(scales_and_zeros.shape) != (n_groups, n, 2):
             raise ValueError(f"int4 weight [N, K] = {(n, k)} needs scales_and_zeros [K // group, N, 2], "
                              f"got {tuple(scales_and_zeros.shape)}")
-        check_int4_shape(n, k, k // n_groups)
-        resolved = _resolve_backend(backend, q.device, packed_fits=n % 16 == 0, kernel="int4_matmul")
+        check_int4_group(k, k // n_groups)
+        resolved = _resolve_backend(backend, q.device, packed_fits=n % 16 == 0)
         super().__init__(k, n, bias, resolved, q.device)
         self.group = k // n_groups
-        if resolved == "packed":
-            qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), _INT4_INNER_K_TILES)
-        else:
-            qweight = q.to(torch.uint8).contiguous()
-        self.register_buffer("qweight", qweight)  # packed: torch's CPU layout; else q [N, K] 0..15
-        self.register_buffer("scales_and_zeros", scales_and_zeros.to(self.compute_dtype).contiguous())
-        self._triton = _triton_kernel("int4_matmul") if resolved == "triton" else None
+        if resolved == "packed":  # torch's CPU layout
+            qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                q.to(torch.int32), _INT4_INNER_K_TILES)
+        elif resolved == "triton":  # [N, K // 2], two nibbles a byte
+            from picochat.kernels.triton_quant_matmul import int4_linear
+            qweight, self._linear = quant_reference.pack_int4(q), int4_linear
+        else:  # q [N, K] uint8 0..15
+            qweight, self._linear = q.to(torch.uint8).contiguous(), quant_reference.int4_linear_reference
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales_and_zeros", scales_and_zeros.to(self.param_dtype).contiguous())
 
-    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend == "packed":
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x.to(torch.bfloat16), self.qweight, self.group, self.scales_and_zeros)
-        if self._triton is not None:
-            return self._triton(x, self.qweight, self.scales_and_zeros, self.group)
-        return F.linear(x.float(), dequantize_int4(self.qweight, self.scales_and_zeros))
+    def _packed_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight, self.group, self.scales_and_zeros)
+
+    def _weight_args(self) -> tuple:
+        return self.qweight, self.scales_and_zeros, self.group
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, group={self.group}"

@@ -156,7 +156,10 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, s
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
-_JINJA = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, loopcontrols])
+# HF's settings: trim_blocks and lstrip_blocks change whitespace, so they decide the prompt's ids.
+_JINJA = ImmutableSandboxedEnvironment(
+    trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, loopcontrols]
+)
 _JINJA.filters["tojson"] = _tojson
 _JINJA.globals["raise_exception"] = _raise_exception
 _JINJA.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -268,9 +271,9 @@ class Tokenizer:
             return (tokens[index], index) if index is not None and 0 <= index < len(tokens) else None
 
         bos, eos = token("tokenizer.ggml.bos_token_id"), token("tokenizer.ggml.eos_token_id")
-        backend.post_processor = _bos_eos_post_processor(
-            bos, eos, field("tokenizer.ggml.add_bos_token", add_bos_default), field("tokenizer.ggml.add_eos_token", False)
-        )
+        add_bos = field("tokenizer.ggml.add_bos_token", add_bos_default)
+        add_eos = field("tokenizer.ggml.add_eos_token", False)
+        backend.post_processor = _bos_eos_post_processor(bos, eos, add_bos, add_eos)
         eot = token("tokenizer.ggml.eot_token_id")
         return cls(
             backend,
@@ -288,28 +291,20 @@ class Tokenizer:
             backend = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
         except Exception as err:  # tokenizers raises a bare Exception for a bad or missing file
             raise ModelLoadError(f"cannot load {path / 'tokenizer.json'}: {err}") from None
+        # As in transformers 5, tokenizer.json's post-processor alone decides whether BOS/EOS are added;
+        # `add_bos_token` in tokenizer_config.json is ignored, and a chat_template.jinja file wins.
         config = {**_read_json(path / "special_tokens_map.json"), **_read_json(path / "tokenizer_config.json")}
         bos_token, eos_token = _token_content(config.get("bos_token")), _token_content(config.get("eos_token"))
-
-        if "add_bos_token" in config or "add_eos_token" in config or backend.post_processor is None:
-            ids = {name: backend.token_to_id(name) for name in (bos_token, eos_token) if name is not None}
-            backend.post_processor = _bos_eos_post_processor(
-                (bos_token, ids[bos_token]) if ids.get(bos_token) is not None else None,
-                (eos_token, ids[eos_token]) if ids.get(eos_token) is not None else None,
-                bool(config.get("add_bos_token")),
-                bool(config.get("add_eos_token")),
-            )
         template_file = path / "chat_template.jinja"
-        template = chat_template or _named_template(config.get("chat_template"))
-        if template is None and template_file.is_file():
-            template = template_file.read_text(encoding="utf-8")
+        if chat_template is None and template_file.is_file():
+            chat_template = template_file.read_text(encoding="utf-8")
 
         generation_eos = _read_json(path / "generation_config.json").get("eos_token_id", [])
         return cls(
             backend,
             bos_token=bos_token,
             eos_token=eos_token,
-            chat_template=template,
+            chat_template=chat_template or _named_template(config.get("chat_template")),
             extra_stop_ids=[generation_eos] if isinstance(generation_eos, int) else generation_eos,
         )
 

@@ -9,6 +9,7 @@ gate|up) and are plain ``nn.Linear`` modules that quantization swaps for packed 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,19 @@ from picochat.errors import ModelLoadError
 from picochat.kernels import dispatch, reference
 from picochat.kernels.reference import AttentionMetadata
 from picochat.model.config import ModelConfig
+
+
+@dataclass
+class Kernels:
+    """The kernel implementations a forward uses, chosen by ``kernels.dispatch`` per device."""
+
+    attention: Callable[..., torch.Tensor]
+    rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    rope: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+    @classmethod
+    def select(cls, attention_backend: str, device: torch.device) -> "Kernels":
+        return cls(dispatch.attention_fn(attention_backend), dispatch.rms_norm_fn(device), dispatch.rope_fn(device))
 
 
 @dataclass
@@ -34,8 +48,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        return reference.rms_norm(x, self.weight, self.eps, residual)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, kernels: Kernels):
+        return kernels.rms_norm(x, self.weight, self.eps, residual)
 
 
 class Attention(nn.Module):
@@ -49,15 +63,15 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
-                meta: AttentionMetadata, cache: KVCache, attention_fn) -> torch.Tensor:
+                meta: AttentionMetadata, cache: KVCache, kernels: Kernels) -> torch.Tensor:
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)  # (T, H, D)
         k = k.view(t, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = reference.apply_rope(q, k, positions, cos_sin)
+        q, k = kernels.rope(q, k, positions, cos_sin)
         reference.write_kv(k, v, cache.k, cache.v, meta.slot_mapping)
-        out = attention_fn(q, cache.k, cache.v, meta, self.scale, self.sliding_window)  # (T, H, D)
+        out = kernels.attention(q, cache.k, cache.v, meta, self.scale, self.sliding_window)  # (T, H, D)
         return self.o_proj(out.reshape(t, self.q_size))
 
 
@@ -81,10 +95,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, residual, positions, cos_sin, meta, cache, attention_fn):
-        h, residual = self.input_layernorm(x, residual)
-        h = self.attn(h, positions, cos_sin, meta, cache, attention_fn)
-        h, residual = self.post_attention_layernorm(h, residual)
+    def forward(self, x, residual, positions, cos_sin, meta, cache, kernels: Kernels):
+        h, residual = self.input_layernorm(x, residual, kernels)
+        h = self.attn(h, positions, cos_sin, meta, cache, kernels)
+        h, residual = self.post_attention_layernorm(h, residual, kernels)
         return self.mlp(h), residual
 
 
@@ -100,7 +114,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("cos_sin", reference.rope_cos_sin_cache(
             cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling), persistent=False)
-        self.attention_fn = dispatch.attention_fn("sdpa")
+        self.kernels = Kernels.select("sdpa", torch.device("cpu"))
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
@@ -109,14 +123,14 @@ class Transformer(nn.Module):
         x = self.embed_tokens(input_ids)  # (T, hidden)
         residual = None
         for layer, cache in zip(self.layers, caches):
-            x, residual = layer(x, residual, positions, self.cos_sin, meta, cache, self.attention_fn)
+            x, residual = layer(x, residual, positions, self.cos_sin, meta, cache, self.kernels)
         if logits_indices is not None:
             x, residual = x[logits_indices], residual[logits_indices]
-        x, _ = self.norm(x, residual)
+        x, _ = self.norm(x, residual, self.kernels)
         return self.lm_head(x).float()
 
-    def set_attention_backend(self, backend: str) -> None:
-        self.attention_fn = dispatch.attention_fn(backend)
+    def select_kernels(self, attention_backend: str, device: torch.device) -> None:
+        self.kernels = Kernels.select(attention_backend, device)
 
     # ------------------------------------------------------------------------ loading weights
 

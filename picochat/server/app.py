@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import socket
 import threading
@@ -98,21 +99,38 @@ async def _cancel_on_disconnect(request: Request, stream: Stream) -> None:
     stream.cancel()
 
 
+async def _observed(stream: Stream, metrics: ServerMetrics) -> AsyncIterator[Delta]:
+    async for delta in stream:
+        if delta.finished and delta.timings is not None:
+            metrics.observe(delta.timings)
+        yield delta
+
+
+_abandoned: set[asyncio.Task] = set()  # drains of cancelled streams (a reference keeps them alive)
+
+
+async def _drain(deltas: AsyncIterator[Delta]) -> None:
+    async for _ in deltas:
+        pass
+
+
 async def _deltas(request: Request, stream: Stream, metrics: ServerMetrics) -> AsyncIterator[Delta]:
-    """The request's deltas; if the client goes away first, the request is cancelled."""
+    """The request's deltas; if the client goes away first, the request is cancelled (and its
+    last delta still reaches the metrics)."""
     watcher = asyncio.create_task(_cancel_on_disconnect(request, stream))
+    deltas = _observed(stream, metrics)
     finished = False
     try:
-        async for delta in stream:
-            if delta.finished:
-                finished = True
-                if delta.timings is not None:
-                    metrics.observe(delta.timings)
+        async for delta in deltas:
+            finished = delta.finished
             yield delta
     finally:
         watcher.cancel()
         if not finished:
             stream.cancel()
+            task = asyncio.get_running_loop().create_task(_drain(_observed(stream, metrics)))
+            _abandoned.add(task)
+            task.add_done_callback(_abandoned.discard)
 
 
 async def _sse(shape: ResponseShape, deltas: AsyncIterator[Delta], prompt_tokens: int,
@@ -172,15 +190,16 @@ def create_app(engine_factory: Callable[[], Engine], *, model_name: str, api_key
     api = APIRouter(dependencies=[Depends(authorize)])
 
     @app.exception_handler(ApiError)
-    async def api_error(_: Request, e: ApiError) -> JSONResponse:
-        return JSONResponse(e.body(), e.status, headers=e.headers)
+    async def api_error(_: Request, e: ApiError) -> Response:
+        # ASCII-escaped: an error may quote a client's string, which need not be valid UTF-8
+        return Response(json.dumps(e.body()), e.status, headers=e.headers, media_type="application/json")
 
     @app.exception_handler(PicochatError)
-    async def engine_error(request: Request, e: PicochatError) -> JSONResponse:
+    async def engine_error(request: Request, e: PicochatError) -> Response:
         return await api_error(request, _api_error(e))
 
     @app.exception_handler(HTTPException)
-    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+    async def http_error(request: Request, e: HTTPException) -> Response:
         return await api_error(request, ApiError(str(e.detail), e.status_code, type="invalid_request_error"))
 
     @app.get("/health")
@@ -274,6 +293,9 @@ def serve(engine_factory: Callable[[], Engine], *, host: str, port: int, api_key
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s without --api-key: anyone who can reach it can use it", host)
     server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5))
+    bound_host, bound_port = sock.getsockname()[:2]
+    shown = f"[{bound_host}]" if sock.family == socket.AF_INET6 else bound_host
+    log.info("serving %s on http://%s:%d (Ctrl+C to stop)", model_name, shown, bound_port)
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl+C it handled, after shutting down

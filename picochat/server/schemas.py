@@ -174,6 +174,11 @@ class TokenizeRequest(BaseModel):
         return self.prompt if self.prompt is not None else [m.to_chat() for m in self.messages]
 
 
+def _is_union_member(loc_part: object) -> bool:
+    """pydantic names the union member it tried in an error's location ("str", "list[int]")."""
+    return isinstance(loc_part, str) and (loc_part in ("str", "int") or "[" in loc_part)
+
+
 def parse_body(raw: bytes, model: type[BaseModel]) -> Any:
     """JSON bytes → a validated request model, or ApiError(400) with a one-line reason."""
     try:
@@ -185,8 +190,13 @@ def parse_body(raw: bytes, model: type[BaseModel]) -> Any:
     if not isinstance(body, dict):
         raise ApiError("the request body must be a JSON object")
     try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate escape such as "\\ud800"
+        raise ApiError("the request body contains a string that is not valid Unicode") from None
+    try:
         return model.model_validate(body)
     except ValidationError as e:
-        first = e.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
-        raise ApiError(f"{param}: {first['msg']}" if param else first["msg"], param=param) from None
+        # the deepest error is the most specific one: for a union, the member that came closest
+        worst = max(e.errors(), key=lambda err: len(err["loc"]))
+        param = ".".join(str(p) for p in worst["loc"] if not _is_union_member(p)) or None
+        raise ApiError(f"{param}: {worst['msg']}" if param else worst["msg"], param=param) from None

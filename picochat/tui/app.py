@@ -40,8 +40,9 @@ class PicochatApp(App):
         self.resume = resume
         self.metrics_interval = metrics_interval
         self.engine: Engine | None = None
-        self.console_themes = [theme.name for theme in load_themes()]
-        for theme in load_themes():
+        themes = load_themes()
+        self.console_themes = [theme.name for theme in themes]
+        for theme in themes:
             self.register_theme(theme)
         self.theme = self._configured_theme()
 

@@ -58,6 +58,14 @@ SAMPLING_FIELDS = (
 )
 
 
+def _when_given(action: Callable[[Any], Any]) -> Callable[[Any], None]:
+    """A dialog callback that runs ``action(value)`` unless the dialog was cancelled (None)."""
+    def callback(value: Any) -> None:
+        if value is not None:
+            action(value)
+    return callback
+
+
 def _number(parse: Callable[[str], Any], label: str) -> Callable[[str], Any]:
     def parse_value(text: str) -> Any:
         try:
@@ -74,11 +82,7 @@ def sampling_commands(screen: "ChatScreen") -> list[PaletteCommand]:
         dialog = ValueDialog(f"sampling: {spec.label}", "" if current is None else str(current),
                              lambda text: screen.sampling.replace(**{spec.field: parse(text)}), spec.hint)
 
-        def apply(value: SamplingParams | None) -> None:
-            if value is not None:
-                screen.sampling = value
-
-        screen.app.push_screen(dialog, apply)
+        screen.app.push_screen(dialog, _when_given(lambda value: setattr(screen, "sampling", value)))
 
     commands = [PaletteCommand(f"sampling: {spec.label}…", f"now {getattr(screen.sampling, spec.field)}",
                                partial(edit, spec)) for spec in SAMPLING_FIELDS]
@@ -106,11 +110,8 @@ def engine_commands(screen: "ChatScreen") -> list[PaletteCommand]:
             dialog = ValueDialog(f"batch: {label}", str(getattr(scheduler, field)),
                                  lambda text: dataclasses.replace(scheduler, **{field: parse(text)}).validate())
 
-            def apply(value: SchedulerConfig | None) -> None:
-                if value is not None:
-                    screen.reconfigure(f"batch {label} {getattr(value, field)}", scheduler=value)
-
-            screen.app.push_screen(dialog, apply)
+            screen.app.push_screen(dialog, _when_given(
+                lambda value: screen.reconfigure(f"batch {label} {getattr(value, field)}", scheduler=value)))
         add("batch", f"{label}…", f"now {getattr(scheduler, field)}", edit)
 
     add("spec", "off", "no speculative decoding", partial(screen.reconfigure, "spec off", spec=SpecConfig()))
@@ -120,7 +121,7 @@ def engine_commands(screen: "ChatScreen") -> list[PaletteCommand]:
     def draft() -> None:
         dialog = ValueDialog("spec: draft model (name or path)", "",
                              lambda text: SpecConfig(mode="draft", draft_model=text).validate())
-        screen.app.push_screen(dialog, lambda spec: spec and screen.reconfigure("spec draft", spec=spec))
+        screen.app.push_screen(dialog, _when_given(lambda spec: screen.reconfigure("spec draft", spec=spec)))
     add("spec", "draft model…", "a small model proposes, the main model verifies", draft)
 
     for backend in ("auto", "triton", "sdpa", "reference"):
@@ -133,7 +134,7 @@ def engine_commands(screen: "ChatScreen") -> list[PaletteCommand]:
                 raise ConfigError("model: give a model name or a path")
             return text
         dialog = ValueDialog("model: name or path", info.model, parse, "a model card name, a GGUF file or an HF dir")
-        screen.app.push_screen(dialog, lambda name: name and screen.reconfigure(f"model {name}", model=name))
+        screen.app.push_screen(dialog, _when_given(lambda name: screen.reconfigure(f"model {name}", model=name)))
     add("model", "switch…", f"now {info.model}", switch_model)
     return commands
 
@@ -147,7 +148,7 @@ def session_commands(screen: "ChatScreen") -> list[PaletteCommand]:
             return n
         dialog = ValueDialog("load: concurrent synthetic requests", "8", parse,
                              "watch them queue, batch and finish in the panels")
-        screen.app.push_screen(dialog, lambda n: n and screen.fire_load(n))
+        screen.app.push_screen(dialog, _when_given(screen.fire_load))
 
     return [
         PaletteCommand("system prompt: edit…", "applies to the next request", screen.action_edit_system_prompt),

@@ -49,7 +49,7 @@ def run_plain(engine: Engine, *, system_prompt: str | None = None,
 
 def _stream_reply(engine: Engine, messages: list[ChatMessage], params: SamplingParams) -> str:
     """Print the reply as it streams; Ctrl+C cancels it. Returns the text generated."""
-    stream = engine.submit(messages, params)
+    stream = engine.submit(list(messages), params)
     parts: list[str] = []
     try:
         for delta in stream:

@@ -18,6 +18,7 @@ from typing import Literal
 
 from picochat.config import atomic_write_text, data_dir
 from picochat.engine.protocol import ChatMessage, FinishReason, RequestTimings
+from picochat.tui.format import duration
 
 Role = Literal["user", "assistant"]
 ExportFormat = Literal["markdown", "json"]
@@ -42,7 +43,7 @@ class ReplyStats:
     def summary(self) -> str:
         parts = [f"{self.output_tokens} tokens"]
         if self.ttft_s is not None:
-            parts.append(f"TTFT {self.ttft_s * 1000:.0f} ms")
+            parts.append(f"TTFT {duration(self.ttft_s)}")
         if self.decode_tok_s is not None:
             parts.append(f"{self.decode_tok_s:.1f} tok/s")
         if self.finish_reason != "stop":

@@ -33,10 +33,11 @@ def make_step(seqs: list[tuple[int, int]], heads: int, kv_heads: int, head_dim: 
     q_lens = [ql for ql, _ in seqs]
     q = torch.randn(sum(q_lens), heads, head_dim, generator=gen).to(dtype)
     starts = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
+    seq_lens = [s for _, s in seqs]
     meta = AttentionMetadata(
-        query_start_loc=starts.to(DEVICE), seq_lens=torch.tensor([s for _, s in seqs], dtype=torch.int32, device=DEVICE),
+        query_start_loc=starts.to(DEVICE), seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
         block_tables=tables.to(DEVICE), slot_mapping=torch.zeros(sum(q_lens), dtype=torch.int64, device=DEVICE),
-        query_lens_cpu=q_lens, seq_lens_cpu=[s for _, s in seqs], block_size=block_size)
+        query_lens_cpu=q_lens, seq_lens_cpu=seq_lens, block_size=block_size)
     return q.to(DEVICE), k_cache.to(DEVICE), v_cache.to(DEVICE), meta
 
 
@@ -111,7 +112,8 @@ def test_shape_mismatch_is_rejected():
 
 
 def test_decode_splits_fill_the_gpu_but_keep_splits_long():
-    assert triton_attention.decode_splits(1, 8, 8192, 132) == 32  # 33 wanted for 2 programs an SM, capped at 256 keys a split
+    # 33 splits would give two programs an SM; 8192 keys allow 32 of 256
+    assert triton_attention.decode_splits(1, 8, 8192, 132) == 32
     assert triton_attention.decode_splits(1, 8, 300, 132) == 2  # short context: 256+ keys a split
     assert triton_attention.decode_splits(64, 8, 8192, 132) == 1  # a big batch fills the GPU alone
 

@@ -3,6 +3,7 @@ that poll the app (never sleep-and-assert)."""
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import pytest
@@ -26,16 +27,16 @@ def xdg_dirs(tmp_path, monkeypatch):
 
 async def wait_until(pilot: Pilot, condition: Callable[[], object], what: str, timeout_s: float = 20.0) -> None:
     """Let the app run until ``condition()`` holds; fail naming ``what`` after ``timeout_s``."""
-    for _ in range(int(timeout_s / 0.02)):
-        if condition():
-            return
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
         await pilot.pause(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
-async def open_chat(pilot: Pilot) -> ChatScreen:
+async def open_chat(pilot: Pilot, timeout_s: float = 20.0) -> ChatScreen:
     """Wait for the engine to load and the chat screen to show; returns it."""
-    await wait_until(pilot, lambda: isinstance(pilot.app.screen, ChatScreen), "the chat screen")
+    await wait_until(pilot, lambda: isinstance(pilot.app.screen, ChatScreen), "the chat screen", timeout_s)
     await pilot.pause()
     return pilot.app.screen  # type: ignore[return-value]
 
@@ -45,9 +46,9 @@ async def send(pilot: Pilot, text: str) -> None:
     await pilot.press("enter")
 
 
-async def wait_reply_done(pilot: Pilot, screen: ChatScreen) -> None:
+async def wait_reply_done(pilot: Pilot, screen: ChatScreen, timeout_s: float = 20.0) -> None:
     await wait_until(pilot, lambda: not screen.streaming and screen.transcript.messages
-                     and screen.transcript.messages[-1].role == "assistant", "the reply to finish")
+                     and screen.transcript.messages[-1].role == "assistant", "the reply to finish", timeout_s)
 
 
 def console(engine: FakeEngine, **kwargs) -> PicochatApp:
@@ -76,3 +77,9 @@ class FixedMetricsEngine(FakeEngine):
         snap = super().metrics()
         return MetricsSnapshot(**{**snap.__dict__, "time": 0.0, "num_requests_running": 1,
                                   "num_requests_waiting": 2, "recent_requests": FIXED_REQUESTS})
+
+
+@pytest.fixture
+def anyio_backend():
+    """Textual runs on asyncio."""
+    return "asyncio"

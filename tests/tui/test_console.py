@@ -4,9 +4,11 @@ themes, resume and the loading screen."""
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
-import threading
+from textual.command import CommandPalette
+from textual.widgets import OptionList
 
 from conftest import FixedMetricsEngine, console, open_chat, send, wait_reply_done, wait_until
 from fake_engine import DEFAULT_REPLY, FakeEngine
@@ -17,6 +19,7 @@ from picochat.tui.app import make_app
 from picochat.tui.messages import MetricsUpdated
 from picochat.tui.screens.help import HelpScreen
 from picochat.tui.screens.loading import LoadingScreen
+from picochat.tui.screens.system_prompt import SystemPromptScreen
 from picochat.tui.screens.value_dialog import ValueDialog
 from picochat.tui.widgets.message_view import MessageView
 from picochat.tui.widgets.metric_plot import MetricPlot
@@ -28,9 +31,17 @@ pytestmark = pytest.mark.anyio
 
 
 async def run_palette_command(pilot, query: str) -> None:
-    await pilot.press("ctrl+p")
-    await pilot.press(*query)
-    await pilot.pause(0.3)  # the palette searches asynchronously
+    """Open the palette, type ``query`` and run the best hit once the search shows it."""
+    await pilot.press("ctrl+p", *query)
+
+    def best_hit_matches() -> bool:
+        palette = pilot.app.screen
+        if not isinstance(palette, CommandPalette):
+            return False
+        hits = palette.query_one(OptionList)
+        return hits.option_count > 0 and str(hits.get_option_at_index(0).prompt).startswith(query)
+
+    await wait_until(pilot, best_hit_matches, f"the palette to find {query!r}")
     await pilot.press("enter")
     await pilot.pause()
 
@@ -68,7 +79,7 @@ async def test_escape_cancels_and_keeps_the_partial_reply():
 
 
 async def test_keys_stay_live_while_streaming():
-    engine = FakeEngine(reply=" ".join(f"w{i}" for i in range(300)), token_delay_s=0.01)
+    engine = FakeEngine(reply=" ".join(f"w{i}" for i in range(600)), token_delay_s=0.05)  # ~25 s
     app = console(engine)
     async with app.run_test() as pilot:
         screen = await open_chat(pilot)
@@ -87,7 +98,7 @@ async def test_palette_temperature_applies_to_the_next_request():
         screen = await open_chat(pilot)
         await run_palette_command(pilot, "sampling: temperature")
         assert isinstance(app.screen, ValueDialog)
-        await pilot.press("ctrl+a", *"0.25", "enter")  # select_on_focus: typing replaces the value
+        await pilot.press(*"0.25", "enter")  # the current value is selected: typing replaces it
         await wait_until(pilot, lambda: app.screen is screen, "the dialog to close")
         assert screen.sampling.temperature == 0.25
         assert "T=0.25" in str(screen.query_one(StatusBar).render())
@@ -253,6 +264,11 @@ async def test_help_and_metrics_panels():
         assert isinstance(app.screen, HelpScreen)
         await pilot.press("escape")
         assert app.screen is screen
+        await pilot.press("?")  # in the message box, ? is text
+        assert screen.query_one(PromptInput).text == "?" and app.screen is screen
+        screen.query_one("ChatLog").focus()
+        await pilot.press("?")
+        assert isinstance(app.screen, HelpScreen)
 
 
 async def test_load_fires_concurrent_requests():
@@ -260,8 +276,23 @@ async def test_load_fires_concurrent_requests():
     app = console(engine)
     async with app.run_test() as pilot:
         await open_chat(pilot)
-        await run_palette_command(pilot, "load: fire")
+        await run_palette_command(pilot, "load: fire N")
         assert isinstance(app.screen, ValueDialog)
-        await pilot.press("ctrl+a", "5", "enter")
+        await pilot.press("5", "enter")
         await app.workers.wait_for_complete()
         assert len(engine.submitted) == 5
+
+
+async def test_system_prompt_editor_applies_to_the_next_request():
+    engine = FakeEngine(reply="ok")
+    app = console(engine)
+    async with app.run_test() as pilot:
+        screen = await open_chat(pilot)
+        await pilot.press("f2")
+        assert isinstance(app.screen, SystemPromptScreen)
+        await pilot.press(*"Answer in French.", "ctrl+s")
+        await wait_until(pilot, lambda: app.screen is screen, "the editor to close")
+        assert screen.transcript.system_prompt == "Answer in French."
+        await send(pilot, "hello")
+        await wait_reply_done(pilot, screen)
+        assert engine.submitted[-1][0][0] == {"role": "system", "content": "Answer in French."}

@@ -89,10 +89,11 @@ class ChatScreen(Screen):
     def refresh_status(self) -> None:
         self.query_one(StatusBar).show(self.engine.info, self.sampling)
 
-    def update_context(self) -> None:
-        """Show how much of the context window the conversation fills."""
-        chat = self.transcript.chat_messages()
-        used = self.engine.count_prompt_tokens(chat) if chat else 0
+    def update_context(self, used: int | None = None) -> None:
+        """Show how much of the context window the conversation (``used`` tokens) fills."""
+        if used is None:
+            chat = self.transcript.chat_messages()
+            used = self.engine.count_prompt_tokens(chat) if chat else 0
         limit = self.engine.info.max_model_len
         self.query_one(PromptInput).border_subtitle = f"context {used:,} / {limit:,} ({used / limit:.0%})"
 
@@ -127,6 +128,7 @@ class ChatScreen(Screen):
             self.notify(str(e), title="Not sent", severity="error")
             return False
         self.request_id = stream.request_id
+        self.update_context(needed)
         self._reply = await self.query_one(ChatLog).add(MessageView("assistant", stats="generating…"))
         self.transcript.save()
         self._read_stream(stream)
@@ -238,5 +240,7 @@ class ChatScreen(Screen):
             time.sleep(interval)
 
     def on_metrics_updated(self, message: MetricsUpdated) -> None:
+        if self.engine.info != self.query_one(StatusBar).info:  # a reconfigure took effect
+            self.refresh_status()
         self.query_one(MetricsPanel).update_metrics(message.snapshot)
         self.query_one(RequestTimeline).update_requests(message.snapshot.recent_requests)

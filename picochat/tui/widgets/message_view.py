@@ -56,7 +56,9 @@ class MessageView(Vertical):
     def compose(self) -> ComposeResult:
         yield Label("You" if self.role == "user" else "Assistant", classes="role")
         yield Markdown(self._text)
-        yield Label(self._stats, classes="stats")
+        stats = Label(self._stats, classes="stats")
+        stats.display = bool(self._stats)
+        yield stats
 
     @property
     def text(self) -> str:
@@ -80,4 +82,6 @@ class MessageView(Vertical):
 
     def set_stats(self, stats: str) -> None:
         self._stats = stats
-        self.query_one(".stats", Label).update(stats)
+        label = self.query_one(".stats", Label)
+        label.update(stats)
+        label.display = bool(stats)

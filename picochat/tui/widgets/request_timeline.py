@@ -51,9 +51,16 @@ class RequestTimeline(Widget):
         lines = [self._legend()]
         if not self.requests:
             lines.append(Text("no finished requests yet", style=self.get_component_rich_style("timeline--text")))
-        longest = max((_total(t) for t in self.requests), default=0.0)
-        for timings in reversed(self.requests):  # newest on top
-            lines.append(self._row(timings, longest))
+        shown = list(reversed(self.requests))  # newest on top
+        details = [_detail(t, full=True) for t in shown]
+        detail_width = max((len(d) for d in details), default=0)
+        if self.size.width - 8 - detail_width < 12:  # narrow: totals only
+            details = [_detail(t, full=False) for t in shown]
+            detail_width = max((len(d) for d in details), default=0)
+        bar_width = max(4, self.size.width - 8 - detail_width)
+        longest = max((_total(t) for t in shown), default=0.0)
+        for timings, detail in zip(shown, details):
+            lines.append(self._row(timings, detail.rjust(detail_width), bar_width, longest))
         return Text("\n").join(lines)
 
     def _legend(self) -> Text:
@@ -63,20 +70,11 @@ class RequestTimeline(Widget):
             legend.append(name)
         return legend
 
-    def _row(self, t: RequestTimings, longest: float) -> Text:
-        width = self.size.width
-        durations = (t.queue_s or 0.0, t.prefill_s or 0.0, t.decode_s or 0.0)
-        tokens = f"{t.prompt_tokens}→{t.output_tokens} tok"
-        detail = f" {tokens} · {' + '.join(fmt.duration(d) for d in durations)}"
-        bar_width = width - 8 - len(detail)
-        if bar_width < 12:
-            detail = f" {tokens} · {fmt.duration(_total(t))}"
-            bar_width = max(4, width - 8 - len(detail))
+    def _row(self, t: RequestTimings, detail: str, bar_width: int, longest: float) -> Text:
         row = Text(f"{t.request_id[-6:]:>6} ", style=self.get_component_rich_style("timeline--text"))
         used = 0
-        for name, seconds in zip(SEGMENTS, durations):
-            cells = round(seconds / longest * bar_width) if longest > 0 else 0
-            cells = min(cells, bar_width - used)
+        for name, seconds in zip(SEGMENTS, _durations(t)):
+            cells = min(round(seconds / longest * bar_width) if longest > 0 else 0, bar_width - used)
             row.append("█" * cells, style=self.get_component_rich_style(f"timeline--{name}"))
             used += cells
         row.append(" " * (bar_width - used) + " ")
@@ -84,5 +82,17 @@ class RequestTimeline(Widget):
         return row
 
 
+def _durations(t: RequestTimings) -> tuple[float, float, float]:
+    return (t.queue_s or 0.0, t.prefill_s or 0.0, t.decode_s or 0.0)
+
+
+def _detail(t: RequestTimings, *, full: bool) -> str:
+    """Token counts and durations: queue + prefill + decode, or only the total."""
+    tokens = f"{t.prompt_tokens}→{t.output_tokens} tok"
+    if full:
+        return f"{tokens} · {' + '.join(fmt.duration(d) for d in _durations(t))}"
+    return f"{tokens} · {fmt.duration(_total(t))}"
+
+
 def _total(t: RequestTimings) -> float:
-    return sum(d or 0.0 for d in (t.queue_s, t.prefill_s, t.decode_s))
+    return sum(_durations(t))

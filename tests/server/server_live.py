@@ -1,4 +1,4 @@
-"""Run an app on an ephemeral loopback port in a background thread, for tests."""
+"""Test helpers: run an app on an ephemeral loopback port in a background thread; poll."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import uvicorn
 from fastapi import FastAPI
 
 from picochat.server.app import bind
+
+MODEL = "fake"  # the name the test servers serve
 
 
 @contextmanager
@@ -32,3 +34,11 @@ def live_server(app: FastAPI, *, wait_ready: bool = True) -> Iterator[str]:
         server.should_exit = True
         thread.join()
         sock.close()
+
+
+def wait_for(condition, what: str, limit_s: float = 20.0) -> None:
+    """Poll until ``condition()``; the limit only turns a hang into a failure."""
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.01)
