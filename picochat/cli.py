@@ -128,7 +128,7 @@ def console(ctx: typer.Context,
 
 
 @app.command()
-@with_options(ENGINE_OPTIONS)
+@with_options(ENGINE_OPTIONS, SAMPLING_OPTIONS)
 def chat(resume: Annotated[bool, typer.Option("--resume", help="Reopen the last transcript.")] = False,
          plain: Annotated[bool, typer.Option("--plain", help="Line REPL for dumb terminals and pipes.")] = False,
          system: Annotated[Optional[str], typer.Option("--system", help="System prompt (--plain).")] = None,
@@ -140,6 +140,7 @@ def chat(resume: Annotated[bool, typer.Option("--resume", help="Reopen the last 
 
 
 def _run_console(opts: dict, resume: bool, plain: bool, system: str | None = None) -> None:
+    """The Textual console, or with ``plain`` the line REPL (which takes the sampling flags)."""
     if opts.get("url"):
         from picochat.remote import RemoteEngine
 
@@ -155,7 +156,7 @@ def _run_console(opts: dict, resume: bool, plain: bool, system: str | None = Non
         from picochat.tui.plain import run_plain
         engine = factory()
         try:
-            raise typer.Exit(run_plain(engine, system_prompt=system))
+            raise typer.Exit(run_plain(engine, system_prompt=system, params=sampling_params(opts)))
         finally:
             engine.close()
     from picochat.tui.app import run
@@ -259,6 +260,29 @@ def models_fetch(name: Annotated[str, typer.Argument(help="Model card name.")]) 
 
         path = registry.fetch(card, progress=progress)
     print(path)
+
+
+@eval_app.command("ppl")
+@with_options(ENGINE_OPTIONS)
+def eval_ppl(text: Annotated[Optional[Path], typer.Option("--text", help="UTF-8 text file (default: the shipped sample).")] = None,
+             window: Annotated[int, typer.Option("--window", help="Tokens per window.")] = 512,
+             stride: Annotated[int, typer.Option("--stride", help="Tokens between window starts.")] = 256,
+             as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+             **opts) -> None:
+    """Perplexity of the model over a text, with a sliding window."""
+    from picochat.evaluate import load_for_eval, perplexity, read_text
+
+    config = engine_config(opts)
+    content = read_text(text)
+    model, tokenizer = load_for_eval(config)
+    token_ids = tokenizer.encode(content)
+    ppl = perplexity(model, token_ids, window=window, stride=stride)
+    if as_json:
+        print(json.dumps({"perplexity": ppl, "tokens": len(token_ids), "window": window, "stride": stride,
+                          "model": config.model, "dtype": config.dtype, "quant": config.quant.mode,
+                          "quant_group": config.quant.group_size}))
+    else:
+        print(f"perplexity {ppl:.4f} over {len(token_ids)} tokens (window {window}, stride {stride})")
 
 
 def main() -> None:

@@ -20,9 +20,9 @@ from picochat.model.transformer import Transformer
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def tiny_loaded(default_gguf_path) -> LoadedModel:
-    tokenizer = Tokenizer.from_gguf(default_gguf_path)
+def tiny_model(tokenizer: Tokenizer, std: float) -> LoadedModel:
+    """Random weights: std 0.5 gives varied output, std 0.2 output that falls into loops
+    (which n-gram drafts partly predict)."""
     cfg = ModelConfig(architecture="llama", vocab_size=49152, hidden_size=64, intermediate_size=128,
                       num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
                       max_position_embeddings=512, rope_theta=10000.0)
@@ -30,8 +30,23 @@ def tiny_loaded(default_gguf_path) -> LoadedModel:
     model = Transformer(cfg)
     with torch.no_grad():
         for p in model.parameters():
-            p.normal_(0, 0.5)
+            p.normal_(0, std)
     return LoadedModel("tiny", model.eval(), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_gguf_path) -> Tokenizer:
+    return Tokenizer.from_gguf(default_gguf_path)
+
+
+@pytest.fixture(scope="module")
+def tiny_loaded(tokenizer) -> LoadedModel:
+    return tiny_model(tokenizer, 0.5)
+
+
+@pytest.fixture(scope="module")
+def looping_loaded(tokenizer) -> LoadedModel:
+    return tiny_model(tokenizer, 0.2)
 
 
 def make_engine(loaded: LoadedModel, **sched) -> LocalEngine:
@@ -171,8 +186,10 @@ def test_bad_input_is_rejected_with_one_line(tiny_loaded):
             engine.submit("hi", SamplingParams(temperature=-1))
         with pytest.raises(ConfigError, match="token ids"):
             engine.submit([1, 2, 10**9], GREEDY)
-        with pytest.raises(ConfigError):
-            engine.reconfigure(scheduler=SchedulerConfig(block_size=32))
+        with pytest.raises(ConfigError, match="max_num_seqs"):
+            engine.reconfigure(max_num_seqs=0)
+        with pytest.raises(ConfigError, match="cannot reconfigure block_size"):
+            engine.reconfigure(block_size=32)
         # the engine still serves after all that
         assert engine.submit(prompts()[4], GREEDY).result().finish_reason == "length"
     finally:
@@ -193,3 +210,27 @@ def test_many_submitters_queue_safely(tiny_loaded):
         assert len(results) == 12 and all(len(r.token_ids) == 4 for r in results)
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_ngram_speculation_keeps_greedy_output(looping_loaded, k):
+    from picochat.config import SpecConfig
+
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    plain = make_engine(looping_loaded, max_num_seqs=4)
+    spec = LocalEngine(EngineConfig(model="tiny", scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=20),
+                                    spec=SpecConfig(mode="ngram", k=k, ngram_n=2)), loaded=looping_loaded)
+    try:
+        expected = [plain.submit(p, params).result().token_ids for p in prompts()]
+        # batched, with rows that speculate and rows still in prefill in the same steps
+        streams = [spec.submit(p, params) for p in prompts()]
+        results = [s.result() for s in streams]
+        assert [r.token_ids for r in results] == expected
+        m = spec.metrics()
+        assert 0 < m.spec_decode_num_accepted_tokens_total < m.spec_decode_num_draft_tokens_total
+        assert sum(r.accepted_draft_tokens for r in results) == m.spec_decode_num_accepted_tokens_total
+        wait_idle(spec)
+        assert spec.kv.num_free_blocks == spec.kv.num_blocks
+    finally:
+        plain.close()
+        spec.close()

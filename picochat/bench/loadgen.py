@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import random
 import statistics
-import sys
 import threading
 import time
 from dataclasses import dataclass, field

@@ -18,7 +18,6 @@ import traceback
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -31,12 +30,14 @@ from picochat.engine.protocol import (Delta, EngineInfo, MetricsSnapshot, Prompt
 from picochat.engine.request import Request
 from picochat.engine.runner import ModelRunner
 from picochat.engine.scheduler import Scheduler, SchedulerOutput
-from picochat.errors import (ConfigError, EngineClosedError, PicochatError, PromptTooLongError,
+from picochat.engine.spec.proposer import make_proposer
+from picochat.engine.spec.rejection import verify_batch
+from picochat.errors import (ConfigError, EngineClosedError, PromptTooLongError,
                              QueueFullError)
 from picochat.kernels import dispatch
 from picochat.model.transformer import Transformer
+from picochat.progress import ProgressFn
 
-ProgressFn = Callable[[str, "float | None"], None]
 log = logging.getLogger("picochat.engine")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -95,6 +96,7 @@ class LocalEngine:
         self.scheduler = Scheduler(sched_cfg, self.kv)
         self.runner = ModelRunner(self.model, self.kv, self.dtype, self.device)
         self.outputs = OutputProcessor(self.tokenizer)
+        self.proposer = self._make_proposer(config.spec)
 
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._requests: dict[str, Request] = {}
@@ -102,7 +104,9 @@ class LocalEngine:
         self._lock = threading.Lock()
         self._closed = False
         self._num_waiting_submitted = 0
-        self._counters = dict(prompt_tokens=0, generation_tokens=0, finished=0)
+        self._counters = dict(prompt_tokens=0, generation_tokens=0, finished=0,
+                              spec_drafts=0, spec_draft_tokens=0, spec_accepted=0)
+        self._accepted_per_pos = [0] * 16
         self._steps: deque[tuple[float, float, int, int, int]] = deque()  # (t, dur, prefill, decode, tokens)
         self._recent: deque[RequestTimings] = deque(maxlen=RECENT_REQUESTS)
         self._thread = threading.Thread(target=self._loop, name="picochat-engine", daemon=True)
@@ -117,7 +121,7 @@ class LocalEngine:
             device=str(self.device), attention=self.attention_backend, max_model_len=self.max_model_len,
             spec=self.config.spec.mode, max_num_seqs=s.max_num_seqs,
             max_num_batched_tokens=s.max_num_batched_tokens,
-            unsupported={"spec": "speculative decoding is not implemented yet",
+            unsupported={"spec:draft": "draft-model speculation is not implemented yet (use ngram)",
                          "model": "switching models needs a restart: picochat --model NAME"})
 
     def count_prompt_tokens(self, prompt: Prompt) -> int:
@@ -158,21 +162,18 @@ class LocalEngine:
         self._inbox.put(("cancel", request_id))
 
     def reconfigure(self, **changes) -> None:
-        unknown = set(changes) - {"attention", "scheduler", "quant", "spec", "model"}
+        unknown = set(changes) - {"attention", "max_num_seqs", "max_num_batched_tokens", "quant", "spec", "model"}
         if unknown:
             raise ConfigError(f"cannot reconfigure {', '.join(sorted(unknown))}")
         if "model" in changes and changes["model"] != self.config.model:
             raise ConfigError(self.info.unsupported["model"])
-        if "spec" in changes and changes["spec"].mode != "off":
-            raise ConfigError(self.info.unsupported["spec"])
+        if "spec" in changes:
+            self._make_proposer(changes["spec"].validate())
         if "attention" in changes:
             self._resolve_attention(changes["attention"])
-        if "scheduler" in changes:
-            new: SchedulerConfig = changes["scheduler"].validate()
-            old = self.scheduler.config
-            if ((new.block_size, new.kv_cache_memory_mb, new.num_kv_blocks, new.enable_prefix_caching)
-                    != (old.block_size, old.kv_cache_memory_mb, old.num_kv_blocks, old.enable_prefix_caching)):
-                raise ConfigError("block size, KV memory and prefix caching are fixed at start (restart with new flags)")
+        budgets = {k: changes.pop(k) for k in ("max_num_seqs", "max_num_batched_tokens") if k in changes}
+        if budgets:  # the step budgets change live; block size and KV memory are fixed at start
+            changes["scheduler"] = dataclasses.replace(self.scheduler.config, **budgets).validate()
         if "quant" in changes:
             changes["quant"].validate()
             if self.model_path is None:
@@ -202,6 +203,10 @@ class LocalEngine:
             prefill_tok_s=sum(s[2] for s in steps) / prefill_time if prefill_time else 0.0,
             decode_tok_s=sum(s[3] for s in steps) / decode_time if decode_time else 0.0,
             tokens_per_step=float(steps[-1][4]) if steps else 0.0,
+            spec_decode_num_drafts_total=counters["spec_drafts"],
+            spec_decode_num_draft_tokens_total=counters["spec_draft_tokens"],
+            spec_decode_num_accepted_tokens_total=counters["spec_accepted"],
+            spec_decode_accepted_per_pos=tuple(self._accepted_per_pos[:self.config.spec.k]),
             weight_bytes=self.weight_bytes(), quant=self.config.quant.mode, activity=self._activity,
             memory=system.device_stats(), recent_requests=recent)
 
@@ -226,6 +231,12 @@ class LocalEngine:
         if any(not isinstance(i, int) or not 0 <= i < vocab for i in ids):
             raise ConfigError(f"token ids must be integers in [0, {vocab})")
         return ids
+
+    def _make_proposer(self, spec):
+        try:
+            return make_proposer(spec)
+        except ValueError:
+            raise ConfigError(self.info.unsupported["spec:draft"]) from None
 
     def _resolve_attention(self, name: str) -> str:
         try:
@@ -277,6 +288,9 @@ class LocalEngine:
                 break
             if not self.scheduler.has_work:
                 continue
+            if self.proposer is not None:
+                self.proposer.propose([r for r in self.scheduler.running
+                                       if r.num_computed_tokens == r.num_tokens - 1])
             sched = self.scheduler.schedule()
             if not sched.chunks:
                 self._drain_inbox(block=True, timeout=0.005)
@@ -330,6 +344,11 @@ class LocalEngine:
             self.config = dataclasses.replace(self.config, scheduler=changes["scheduler"])
         if "quant" in changes and changes["quant"] != self.config.quant:
             self._start_quant_switch(changes["quant"])
+        if "spec" in changes:
+            self.proposer = self._make_proposer(changes["spec"])
+            self.config = dataclasses.replace(self.config, spec=changes["spec"])
+            for req in self.scheduler.running:
+                req.spec_token_ids = []
 
     def _swap_linears(self, quant: QuantConfig, linears: dict) -> None:
         from picochat.model.quantize import swap_linears
@@ -339,33 +358,77 @@ class LocalEngine:
         self._activity = None
 
     def _process(self, sched: SchedulerOutput, logits: torch.Tensor, rows: list[int], started: float) -> None:
-        sampling_chunks = [c for c, r in zip(sched.chunks, rows) if r]
-        tokens: list[int] = []
-        if sampling_chunks:
-            tokens = sampling.sample(logits, [
-                sampling.SamplingRow(c.request.params, c.request.prompt_token_ids,
-                                     c.request.output_token_ids, c.request.generator)
-                for c in sampling_chunks]).tolist()
+        tokens = self._sample(sched, logits, rows)
         t = now()
         prefill_tokens = decode_tokens = 0
-        sampled = iter(tokens)
-        for chunk, r in zip(sched.chunks, rows):
+        for chunk, new_tokens in zip(sched.chunks, tokens):
             req = chunk.request
-            is_decode = req.num_output_tokens > 0 and chunk.num_new_tokens == 1 + len(req.spec_token_ids)
-            req.num_computed_tokens += chunk.num_new_tokens
-            self.kv.cache_full_blocks(req.request_id, req.token_ids, req.num_computed_tokens)
-            if is_decode:
-                decode_tokens += 1
+            drafts = req.spec_token_ids
+            if not new_tokens:  # a prefill chunk that does not reach the end of the prompt
+                prefill_tokens += chunk.num_new_tokens
+                req.num_computed_tokens += chunk.num_new_tokens
+                self.kv.cache_full_blocks(req.request_id, req.token_ids, req.num_computed_tokens)
+                continue
+            if req.num_output_tokens > 0 and chunk.num_new_tokens == 1 + len(drafts):
+                decode_tokens += len(new_tokens)
             else:
                 prefill_tokens += chunk.num_new_tokens
-            if r:
-                self._append_token(req, next(sampled), t)
+            accepted = len(new_tokens) - 1 if drafts else 0
+            # K/V of the rejected drafts are dropped: only the pending token and accepted drafts count
+            req.num_computed_tokens += chunk.num_new_tokens - (len(drafts) - accepted)
+            req.spec_token_ids = []
+            if drafts:
+                self._record_spec(req, len(drafts), accepted)
+                self.kv.truncate(req.request_id, req.num_computed_tokens)
+            if self.proposer is not None and req.num_output_tokens > 0:
+                self.proposer.update(req, len(drafts), accepted)
+            for i, token in enumerate(new_tokens):
+                if self._append_token(req, token, t, draft=i < accepted):
+                    break
+            else:
+                self.kv.cache_full_blocks(req.request_id, req.token_ids, req.num_computed_tokens)
         with self._lock:
             self._steps.append((t, t - started, prefill_tokens, decode_tokens, sched.num_tokens))
             while self._steps and self._steps[0][0] < t - THROUGHPUT_WINDOW_S:
                 self._steps.popleft()
 
-    def _append_token(self, req: Request, token: int, t: float) -> None:
+    def _sample(self, sched: SchedulerOutput, logits: torch.Tensor, rows: list[int]) -> list[list[int]]:
+        """New tokens per chunk: [] for a non-final prefill chunk, one sampled token, or the
+        accepted drafts plus one for a chunk that verified drafts."""
+        starts = list(itertools.accumulate(rows, initial=0))
+        plain = [i for i, c in enumerate(sched.chunks) if rows[i] and not c.request.spec_token_ids]
+        spec = [i for i, c in enumerate(sched.chunks) if rows[i] and c.request.spec_token_ids]
+        out: list[list[int]] = [[] for _ in sched.chunks]
+
+        def row(i: int) -> sampling.SamplingRow:
+            r = sched.chunks[i].request
+            return sampling.SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, r.generator)
+
+        if plain:
+            sampled = sampling.sample(logits[[starts[i] for i in plain]], [row(i) for i in plain]).tolist()
+            for i, token in zip(plain, sampled):
+                out[i] = [token]
+        if spec:
+            index = [j for i in spec for j in range(starts[i], starts[i + 1])]
+            verified = verify_batch(logits[index], [sched.chunks[i].request.spec_token_ids for i in spec],
+                                    [None] * len(spec), [row(i) for i in spec])
+            for i, tokens in zip(spec, verified):
+                out[i] = tokens
+        return out
+
+    def _record_spec(self, req: Request, drafted: int, accepted: int) -> None:
+        req.timings.spec_steps += 1
+        req.timings.draft_tokens += drafted
+        req.timings.accepted_tokens += accepted
+        with self._lock:
+            self._counters["spec_drafts"] += 1
+            self._counters["spec_draft_tokens"] += drafted
+            self._counters["spec_accepted"] += accepted
+            for pos in range(accepted):
+                self._accepted_per_pos[pos] += 1
+
+    def _append_token(self, req: Request, token: int, t: float, draft: bool = False) -> bool:
+        """Append one token and stream it; returns True when it finished the request."""
         req.token_ids.append(token)
         timings = req.timings
         if timings.first_token is None:
@@ -382,16 +445,19 @@ class LocalEngine:
         if finish is None and req.num_tokens >= req.max_total_tokens:
             finish = "length"
         if finish is None:
-            req.stream._put(Delta(req.request_id, text, (token,)))
-        else:
-            self._finish(req, finish, text=text, token_ids=(token,))
+            req.stream._put(Delta(req.request_id, text, (token,), accepted_draft=(draft,)))
+            return False
+        self._finish(req, finish, text=text, token_ids=(token,), accepted_draft=(draft,))
+        return True
 
     def _finish(self, req: Request, reason: str, text: str = "", token_ids: tuple[int, ...] = (),
-                error: str | None = None) -> None:
+                error: str | None = None, accepted_draft: tuple[bool, ...] = ()) -> None:
         if reason != "error":
             text += self.outputs.flush(req)
         self.scheduler.finish(req)
         self._requests.pop(req.request_id, None)
+        if self.proposer is not None:
+            self.proposer.drop(req.request_id)
         req.timings.finished = now()
         req.timings.finish_reason = reason  # type: ignore[assignment]
         snapshot = req.timings.copy()
@@ -399,4 +465,4 @@ class LocalEngine:
             self._counters["finished"] += 1
             self._recent.append(snapshot)
         req.stream._put(Delta(req.request_id, text, token_ids, finish_reason=reason,  # type: ignore[arg-type]
-                              timings=snapshot, error=error))
+                              timings=snapshot, error=error, accepted_draft=accepted_draft))

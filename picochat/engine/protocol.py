@@ -42,6 +42,18 @@ class RequestTimings:
     preemptions: int = 0
     itl: list[float] = field(default_factory=list)  # gaps between successive output tokens
     finish_reason: FinishReason | None = None
+    spec_steps: int = 0  # verification steps that carried drafts
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+
+    @property
+    def spec_acceptance_rate(self) -> float | None:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else None
+
+    @property
+    def spec_mean_accept_len(self) -> float | None:
+        """Tokens produced per verification step: 1 + accepted / steps (vLLM's definition)."""
+        return 1.0 + self.accepted_tokens / self.spec_steps if self.spec_steps else None
 
     @property
     def queue_s(self) -> float | None:

@@ -63,6 +63,8 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             num_new = min(req.num_tokens + len(req.spec_token_ids) - req.num_computed_tokens, budget)
+            if req.spec_token_ids and num_new < 1 + len(req.spec_token_ids):
+                req.spec_token_ids = req.spec_token_ids[:max(num_new - 1, 0)]  # fit the token budget
             while not self.kv.allocate_slots(req.request_id, req.num_computed_tokens + num_new):
                 victim = self.running.pop()
                 self._preempt(victim)

@@ -9,7 +9,6 @@ fused linear at a time and quantizes it. Embeddings and norms stay in the model'
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -17,8 +16,8 @@ from torch import nn
 from picochat.config import QuantConfig
 from picochat.model.loader import LoadedCheckpoint, load_checkpoint
 from picochat.model.transformer import Transformer
+from picochat.progress import ProgressFn
 
-Progress = Callable[[str, "float | None"], None]
 
 # fused module (under layers.{i}.) → the HF linears it concatenates along its output rows
 FUSED_LINEARS = {
@@ -31,7 +30,7 @@ GGUF_DIRECT = {"int4": {"Q4_0", "Q4_1"}, "int8": {"Q8_0"}}
 
 
 def build_transformer(path: Path, dtype: torch.dtype, quant: QuantConfig, device: torch.device,
-                      chat_template: str | None = None, progress: Progress | None = None
+                      chat_template: str | None = None, progress: ProgressFn | None = None
                       ) -> tuple[Transformer, object]:
     """The model (on ``device``) and its tokenizer."""
     direct = quant.mode != "none" and Path(path).suffix.lower() == ".gguf"
@@ -46,7 +45,7 @@ def build_transformer(path: Path, dtype: torch.dtype, quant: QuantConfig, device
 
 
 def prepare_linears(path: Path, dtype: torch.dtype, quant: QuantConfig, device: torch.device,
-                    progress: Progress | None = None) -> dict[str, nn.Module]:
+                    progress: ProgressFn | None = None) -> dict[str, nn.Module]:
     """Every linear of a freshly built model in ``quant`` (float ones for mode none), by name —
     what a live switch swaps into the serving model while the old weights keep serving."""
     model, _ = build_transformer(path, dtype, quant, device, progress=progress)
@@ -57,7 +56,7 @@ def prepare_linears(path: Path, dtype: torch.dtype, quant: QuantConfig, device: 
 
 
 def _from_gguf_blocks(ckpt: LoadedCheckpoint, dtype: torch.dtype, quant: QuantConfig,
-                      device: torch.device, progress: Progress | None) -> Transformer:
+                      device: torch.device, progress: ProgressFn | None) -> Transformer:
     from picochat.model.gguf_dequant import dequantize_blocks
     from picochat.model.quant_gguf import linear_from_gguf
     from picochat.model.quantize import quantize_linear, swap_linears

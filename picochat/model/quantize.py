@@ -12,7 +12,6 @@ The formats live in ``quant_formats``, the modules in ``quant_linear``, GGUF con
 
 from __future__ import annotations
 
-from typing import Callable
 
 import torch
 from torch import nn
@@ -21,6 +20,7 @@ from picochat.config import QuantConfig
 from picochat.model.quant_formats import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
 from picochat.model.quant_gguf import int4_from_gguf, int8_from_gguf_q8_0, linear_from_gguf
 from picochat.model.quant_linear import Backend, Int4Linear, Int8Linear, QuantLinear
+from picochat.progress import ProgressFn
 
 __all__ = [
     "Backend", "Int4Linear", "Int8Linear", "QuantLinear", "build_quantized_linears", "dequantize_int4",
@@ -32,7 +32,6 @@ __all__ = [
 LAYER_LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 LM_HEAD = "lm_head"
 
-Progress = Callable[[str, float], None]  # (description, fraction done in [0, 1])
 
 
 def quantizable_linears(model: nn.Module, include_lm_head: bool) -> list[tuple[str, nn.Linear]]:
@@ -54,7 +53,7 @@ def quantize_linear(linear: nn.Linear, cfg: QuantConfig, backend: Backend = "aut
 
 
 @torch.no_grad()
-def build_quantized_linears(model: nn.Module, cfg: QuantConfig, progress: Progress | None = None,
+def build_quantized_linears(model: nn.Module, cfg: QuantConfig, progress: ProgressFn | None = None,
                             backend: Backend = "auto") -> dict[str, nn.Module]:
     """Quantized replacements for the model's linears, by qualified name; the model is untouched.
 

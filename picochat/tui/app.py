@@ -21,8 +21,8 @@ from picochat.tui.messages import EngineFailed, EngineReady, LoadProgress
 from picochat.tui.screens.chat import ChatScreen
 from picochat.tui.screens.help import HelpScreen
 from picochat.tui.screens.loading import LoadingScreen
+from picochat.progress import ProgressFn
 
-ProgressFn = Callable[[str, "float | None"], None]
 EngineFactory = Callable[[ProgressFn], Engine]
 METRICS_INTERVAL_S = 0.25
 

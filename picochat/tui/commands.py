@@ -9,7 +9,6 @@ request; engine changes go through ``Engine.reconfigure`` on a worker thread.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable
@@ -96,23 +95,29 @@ def engine_commands(screen: "ChatScreen") -> list[PaletteCommand]:
     info = screen.engine.info
     commands: list[PaletteCommand] = []
 
-    def add(area: str, name: str, help: str, run: Callable[[], Any]) -> None:
-        commands.append(PaletteCommand(f"{area}: {name}", help, run, info.unsupported.get(area)))
+    def add(area: str, name: str, help: str, run: Callable[[], Any], key: str | None = None) -> None:
+        """``key`` names a single setting the engine may disable ("spec:draft"); else the area."""
+        reason = info.unsupported.get(key or area) or info.unsupported.get(area)
+        commands.append(PaletteCommand(f"{area}: {name}", help, run, reason))
 
     for mode in ("none", "int8", "int4"):
         add("quant", mode, "current" if info.quant == mode else "re-quantize the weights",
             partial(screen.reconfigure, f"quant {mode}", quant=QuantConfig(mode=mode)))
 
-    scheduler = SchedulerConfig(max_num_seqs=info.max_num_seqs, max_num_batched_tokens=info.max_num_batched_tokens)
+    current = {"max_num_seqs": info.max_num_seqs, "max_num_batched_tokens": info.max_num_batched_tokens}
     for field, label in (("max_num_seqs", "max sequences"), ("max_num_batched_tokens", "max batched tokens")):
         def edit(field: str = field, label: str = label) -> None:
             parse = _number(int, label)
-            dialog = ValueDialog(f"batch: {label}", str(getattr(scheduler, field)),
-                                 lambda text: dataclasses.replace(scheduler, **{field: parse(text)}).validate())
 
+            def validate(text: str) -> int:  # the same checks the engine applies
+                value = parse(text)
+                SchedulerConfig(**{**current, field: value}).validate()
+                return value
+
+            dialog = ValueDialog(f"batch: {label}", str(current[field]), validate)
             screen.app.push_screen(dialog, _when_given(
-                lambda value: screen.reconfigure(f"batch {label} {getattr(value, field)}", scheduler=value)))
-        add("batch", f"{label}…", f"now {getattr(scheduler, field)}", edit)
+                lambda value: screen.reconfigure(f"batch {label} {value}", **{field: value})))
+        add("batch", f"{label}…", f"now {current[field]}", edit)
 
     add("spec", "off", "no speculative decoding", partial(screen.reconfigure, "spec off", spec=SpecConfig()))
     add("spec", "n-gram (prompt lookup)", "propose tokens by matching the prompt",
@@ -122,7 +127,7 @@ def engine_commands(screen: "ChatScreen") -> list[PaletteCommand]:
         dialog = ValueDialog("spec: draft model (name or path)", "",
                              lambda text: SpecConfig(mode="draft", draft_model=text).validate())
         screen.app.push_screen(dialog, _when_given(lambda spec: screen.reconfigure("spec draft", spec=spec)))
-    add("spec", "draft model…", "a small model proposes, the main model verifies", draft)
+    add("spec", "draft model…", "a small model proposes, the main model verifies", draft, key="spec:draft")
 
     for backend in ("auto", "triton", "sdpa", "reference"):
         add("attention", backend, "current" if info.attention == backend else "attention kernel backend",

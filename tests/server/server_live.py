@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import socket
 import threading
 import time
 from contextlib import contextmanager
 from typing import Iterator
+from urllib.parse import urlsplit
 
 import httpx
 import uvicorn
@@ -42,3 +45,13 @@ def wait_for(condition, what: str, limit_s: float = 20.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"gave up waiting for {what}"
         time.sleep(0.01)
+
+
+def open_request(url: str, body: dict) -> socket.socket:
+    """Send a POST by hand, so the test can hang up whenever it likes."""
+    host, port = urlsplit(url).hostname, urlsplit(url).port
+    sock = socket.create_connection((host, port))
+    data = json.dumps(body).encode()
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                 + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return sock

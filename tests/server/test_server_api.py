@@ -5,16 +5,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import threading
-from urllib.parse import urlsplit
 
 import httpx
 import openai
 import pytest
 from fake_engine import DEFAULT_REPLY, FakeEngine, chat
 from prometheus_client.parser import text_string_to_metric_families
-from server_live import MODEL, live_server, wait_for
+from server_live import MODEL, live_server, open_request, wait_for
 
 from picochat.config import SamplingParams
 from picochat.errors import ModelLoadError, QueueFullError
@@ -300,16 +298,6 @@ def test_health_and_metrics_answer_during_a_long_prefill() -> None:
         gate.set()
         worker.join()
     assert result == [DEFAULT_REPLY]
-
-
-def open_request(url: str, body: dict) -> socket.socket:
-    """Send a POST by hand, so the test can hang up whenever it likes."""
-    host, port = urlsplit(url).hostname, urlsplit(url).port
-    sock = socket.create_connection((host, port))
-    data = json.dumps(body).encode()
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-                 + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
-    return sock
 
 
 @pytest.mark.parametrize("stream", [True, False])
