@@ -64,7 +64,7 @@ def with_options(*groups: dict):
     ``**opts``. One definition of each flag serves every command."""
 
     def decorate(func):
-        sig = inspect.signature(func)
+        sig = inspect.signature(func, eval_str=True)
         params = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
         for group in groups:
             for name, (type_, option, default) in group.items():
@@ -76,6 +76,7 @@ def with_options(*groups: dict):
             return func(*args, **kwargs)
 
         wrapper.__signature__ = sig.replace(parameters=params)
+        wrapper.__annotations__ = {p.name: p.annotation for p in params}
         return wrapper
 
     return decorate
@@ -266,7 +267,7 @@ def models_fetch(name: Annotated[str, typer.Argument(help="Model card name.")]) 
 @with_options(ENGINE_OPTIONS)
 def eval_ppl(text: Annotated[Optional[Path], typer.Option("--text", help="UTF-8 text file (default: the shipped sample).")] = None,
              window: Annotated[int, typer.Option("--window", help="Tokens per window.")] = 512,
-             stride: Annotated[int, typer.Option("--stride", help="Tokens between window starts.")] = 256,
+             stride: Annotated[Optional[int], typer.Option("--stride", help="Tokens between window starts (default: half a window).")] = None,
              as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
              **opts) -> None:
     """Perplexity of the model over a text, with a sliding window."""
@@ -276,6 +277,7 @@ def eval_ppl(text: Annotated[Optional[Path], typer.Option("--text", help="UTF-8 
     content = read_text(text)
     model, tokenizer = load_for_eval(config)
     token_ids = tokenizer.encode(content)
+    stride = window // 2 if stride is None else stride
     ppl = perplexity(model, token_ids, window=window, stride=stride)
     if as_json:
         print(json.dumps({"perplexity": ppl, "tokens": len(token_ids), "window": window, "stride": stride,

@@ -79,7 +79,9 @@ def run_generate(engine: Engine, prompt: Prompt, params: SamplingParams, as_json
             "completion_tokens": len(ids), "finish_reason": last.finish_reason,
             "ttft_s": t.ttft_s if t else None, "prefill_tok_s": t.prefill_tok_s if t else None,
             "decode_tok_s": t.decode_tok_s if t else None, "model": info.model, "dtype": info.dtype,
-            "quant": info.quant}))
+            "quant": info.quant, "spec": info.spec,
+            "spec_acceptance_rate": t.spec_acceptance_rate if t else None,
+            "spec_mean_accept_len": t.spec_mean_accept_len if t else None}))
     else:
         print()
     return 0

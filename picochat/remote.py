@@ -78,6 +78,13 @@ def request_body(model: str, prompt: Prompt, params: SamplingParams, token_ids: 
     return "/v1/chat/completions", body | {"messages": prompt}
 
 
+def estimate_tokens(prompt: str | list[dict]) -> int:
+    """About four characters a token, plus a few per chat message for the template."""
+    texts = [prompt] if isinstance(prompt, str) else [m.get("content", "") for m in prompt]
+    per_message = 0 if isinstance(prompt, str) else 4
+    return sum(-(-len(text) // CHARS_PER_TOKEN) + per_message for text in texts)
+
+
 @dataclass
 class StreamReader:
     """Turns one request's OpenAI stream chunks into Deltas, measuring timings on the way."""
@@ -157,7 +164,7 @@ class RemoteEngine:
         self._lock = threading.Lock()
         self._recent: deque[RequestTimings] = deque(maxlen=RECENT_REQUESTS)
         self._scraped: MetricsSnapshot | None = None
-        self._can_tokenize: bool | None = None
+        self._can_tokenize = True  # until the server shows it has no vLLM-style /tokenize
         self._tasks: dict[str, asyncio.Task] = {}
         self._closed = False
         self._loop = asyncio.new_event_loop()
@@ -203,19 +210,8 @@ class RemoteEngine:
         """The server's count (vLLM's and picochat's /tokenize), else an estimate."""
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
             return len(prompt)
-        if self._can_tokenize is not False:
-            key = "prompt" if isinstance(prompt, str) else "messages"
-            try:
-                response = self._http.post("/tokenize", json={"model": self._info.model, key: prompt},
-                                           timeout=2.0)
-                count = response.json().get("count") if response.status_code == 200 else None
-            except (httpx.HTTPError, ValueError, AttributeError):
-                count = None
-            self._can_tokenize = count is not None
-            if count is not None:
-                return int(count)
-        texts = [prompt] if isinstance(prompt, str) else [m.get("content", "") for m in prompt]  # type: ignore[union-attr]
-        return sum(-(-len(t) // CHARS_PER_TOKEN) for t in texts) + (0 if isinstance(prompt, str) else 4 * len(texts))
+        count = self._server_count(prompt) if self._can_tokenize else None
+        return estimate_tokens(prompt) if count is None else count
 
     def close(self) -> None:
         if self._closed:
@@ -228,7 +224,26 @@ class RemoteEngine:
         self._loop.close()
         self._http.close()
 
-    # ------------------------------------------------------------------------ loop thread
+    # ------------------------------------------------------------------------------ helpers
+    def _server_count(self, prompt: Prompt) -> int | None:
+        key = "prompt" if isinstance(prompt, str) else "messages"
+        try:
+            response = self._http.post("/tokenize", json={"model": self._info.model, key: prompt}, timeout=2.0)
+        except httpx.HTTPError:  # unreachable just now: estimate, and ask again next time
+            return None
+        if response.status_code in (404, 405):
+            self._can_tokenize = False
+        if response.status_code != 200:
+            return None
+        try:
+            count = response.json().get("count")
+        except (ValueError, AttributeError):
+            count = None
+        if not isinstance(count, int):
+            self._can_tokenize = False  # it answers, but not as vLLM does
+            return None
+        return count
+
     def _model_card(self, model: str | None) -> dict[str, Any]:
         try:
             response = self._http.get("/v1/models")
@@ -246,6 +261,7 @@ class RemoteEngine:
             raise ModelLoadError(f"{self.url} does not serve {model!r} (it serves {served})")
         return chosen[0]
 
+    # ------------------------------------------------------------------------ loop thread
     def _start(self, stream: Stream, timings: RequestTimings, path: str, body: dict) -> None:
         reader = StreamReader(timings, chat=path.endswith("chat/completions"))
         task = self._loop.create_task(self._run(stream, reader, path, body))

@@ -30,7 +30,7 @@ from picochat.engine.protocol import (Delta, EngineInfo, MetricsSnapshot, Prompt
 from picochat.engine.request import Request
 from picochat.engine.runner import ModelRunner
 from picochat.engine.scheduler import Scheduler, SchedulerOutput
-from picochat.engine.spec.proposer import make_proposer
+from picochat.engine.spec.proposer import ProposerTarget, make_proposer
 from picochat.engine.spec.rejection import verify_batch
 from picochat.errors import (ConfigError, EngineClosedError, PromptTooLongError,
                              QueueFullError)
@@ -233,8 +233,9 @@ class LocalEngine:
         return ids
 
     def _make_proposer(self, spec):
+        target = ProposerTarget(self.model.config.vocab_size, self.dtype, self.device)
         try:
-            return make_proposer(spec)
+            return make_proposer(spec, target)
         except ValueError:
             raise ConfigError(self.info.unsupported["spec:draft"]) from None
 
@@ -410,8 +411,10 @@ class LocalEngine:
                 out[i] = [token]
         if spec:
             index = [j for i in spec for j in range(starts[i], starts[i + 1])]
-            verified = verify_batch(logits[index], [sched.chunks[i].request.spec_token_ids for i in spec],
-                                    [None] * len(spec), [row(i) for i in spec])
+            requests = [sched.chunks[i].request for i in spec]
+            verified = verify_batch(logits[index], [r.spec_token_ids for r in requests],
+                                    [self.proposer.draft_probs(r.request_id) for r in requests],
+                                    [row(i) for i in spec])
             for i, tokens in zip(spec, verified):
                 out[i] = tokens
         return out

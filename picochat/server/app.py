@@ -52,7 +52,7 @@ class EngineSlot:
     def _load(self) -> None:
         try:
             engine = self._factory()
-        except Exception as e:  # noqa: BLE001 — reported through /health and serve()
+        except Exception as e:  # reported through /health and serve()
             if not isinstance(e, PicochatError):
                 log.exception("loading the engine failed")
             self.error = e
@@ -138,10 +138,10 @@ async def _sse(shape: ResponseShape, deltas: AsyncIterator[Delta], prompt_tokens
     if shape.chat:
         yield shape.role_chunk()
     completion_tokens = 0
-    async for delta in deltas:
+    async for delta in deltas:  # to the end, so that _deltas cleans up now
         if delta.error is not None:
             yield error_event(delta.error)
-            break
+            continue
         completion_tokens += len(delta.token_ids)
         if delta.text or delta.token_ids:
             yield shape.chunk(delta.text, delta.token_ids)
@@ -155,14 +155,15 @@ async def _sse(shape: ResponseShape, deltas: AsyncIterator[Delta], prompt_tokens
 async def _collect(shape: ResponseShape, deltas: AsyncIterator[Delta], prompt_tokens: int) -> dict:
     texts: list[str] = []
     ids: list[int] = []
-    async for delta in deltas:
-        if delta.error is not None:
-            raise ApiError(delta.error, 500, type="internal_error")
+    last: Delta | None = None
+    async for delta in deltas:  # to the end, so that _deltas cleans up now
         texts.append(delta.text)
         ids.extend(delta.token_ids)
-        if delta.finish_reason is not None:
-            return shape.full("".join(texts), ids, delta.finish_reason, prompt_tokens)
-    raise ApiError("the request ended without a result", 500, type="internal_error")
+        last = delta
+    if last is None or last.finish_reason is None or last.error is not None:
+        raise ApiError(last.error if last and last.error else "the request ended without a result", 500,
+                       type="internal_error")
+    return shape.full("".join(texts), ids, last.finish_reason, prompt_tokens)
 
 
 def create_app(engine_factory: Callable[[], Engine], *, model_name: str, api_key: str | None = None,

@@ -9,7 +9,7 @@ sampling parameters (``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos`
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -44,6 +44,7 @@ class SamplingRequest(BaseModel):
     """Fields shared by /v1/chat/completions and /v1/completions."""
 
     model_config = ConfigDict(extra="ignore")
+    PROMPT_PARAM: ClassVar[str] = "prompt"  # the parameter a too-long prompt is blamed on
 
     model: str | None = None
     stream: bool = False
@@ -76,7 +77,7 @@ class SamplingRequest(BaseModel):
             raise ApiError(f"only n=1 is supported, got {self.n}", param="n")
         if prompt_tokens >= max_model_len:
             raise ApiError(f"This model's maximum context length is {max_model_len} tokens; the prompt "
-                           f"takes {prompt_tokens}", param="messages")
+                           f"takes {prompt_tokens}", param=self.PROMPT_PARAM)
         room = max_model_len - prompt_tokens
         requested = self.requested_max_tokens()
         if requested is not None and requested < 1:
@@ -99,7 +100,7 @@ class SamplingRequest(BaseModel):
                 **{k: v for k, v in given.items() if v is not None}, max_tokens=requested,
                 stop=tuple(s for s in stop if s), stop_token_ids=tuple(self.stop_token_ids or ()),
                 ignore_eos=self.ignore_eos).validate()
-        except ConfigError as e:
+        except ConfigError as e:  # SamplingParams' messages start with the field's name
             raise ApiError(str(e), param=str(e).split(" ", 1)[0]) from None
 
 
@@ -124,6 +125,7 @@ class Message(BaseModel):
 
 
 class ChatCompletionRequest(SamplingRequest):
+    PROMPT_PARAM: ClassVar[str] = "messages"
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool | None = None

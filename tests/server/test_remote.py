@@ -222,6 +222,7 @@ def test_a_server_without_metrics_shows_only_client_measurements() -> None:
         remote.submit(chat("hi"), SamplingParams(max_tokens=8)).result()
         wait_for(lambda: app.state.scrapes >= 2, "two scrape attempts")
         snap = remote.metrics()
+        assert remote.count_prompt_tokens(chat("hello world")) == 3 + 4  # no /tokenize: ~4 chars a token
     assert snap.num_requests_running is None and snap.kv_cache_usage_perc is None
     assert snap.prompt_tokens_total is None and snap.decode_tok_s is None
     assert len(snap.recent_requests) == 1 and snap.recent_requests[0].ttft_s is not None

@@ -13,8 +13,8 @@ import httpx
 import openai
 import pytest
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 from hypothesis import HealthCheck, given, settings
+from prometheus_client.parser import text_string_to_metric_families
 from request_bodies import bodies, paths, post_expecting_no_500
 from server_live import MODEL, live_server, open_request, wait_for
 

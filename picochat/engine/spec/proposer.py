@@ -9,10 +9,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from picochat.config import SpecConfig
+import torch
+
+from picochat.config import EngineConfig, SpecConfig
 from picochat.engine.request import Request
 from picochat.engine.spec.adaptive import AdaptiveK
+from picochat.engine.spec.draft import DraftModelProposer
 from picochat.engine.spec.ngram import NgramIndex
+from picochat.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ProposerTarget:
+    """What a proposer needs to know of the target model it drafts for."""
+
+    vocab_size: int
+    dtype: torch.dtype
+    device: torch.device
 
 
 @dataclass
@@ -44,13 +57,27 @@ class NgramProposer:
         if state is not None:
             state.controller.update(proposed, accepted)
 
+    def draft_probs(self, request_id: str) -> None:
+        """The distribution the drafts were drawn from: none, n-gram drafts are certain."""
+        return None
+
     def drop(self, request_id: str) -> None:
         self._states.pop(request_id, None)
 
 
-def make_proposer(config: SpecConfig) -> NgramProposer | None:
+def make_proposer(config: SpecConfig, target: ProposerTarget) -> NgramProposer | DraftModelProposer | None:
     if config.mode == "off":
         return None
     if config.mode == "ngram":
         return NgramProposer(config)
+    if config.mode == "draft":
+        from picochat.engine import engine  # imported here: the engine imports this module
+
+        dtype = next(name for name, value in engine.DTYPES.items() if value == target.dtype)
+        draft = engine.load_model(EngineConfig(model=config.draft_model, dtype=dtype), target.device)
+        vocab = draft.model.config.vocab_size
+        if vocab != target.vocab_size:
+            raise ConfigError(f"draft model {draft.name} has a vocabulary of {vocab} tokens; "
+                              f"the target's has {target.vocab_size} (they must share a tokenizer)")
+        return DraftModelProposer(config, draft, target)
     raise ValueError(f"no proposer for spec mode {config.mode!r}")
