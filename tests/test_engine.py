@@ -8,45 +8,12 @@ import threading
 import time
 
 import pytest
-import torch
 
 from picochat.config import EngineConfig, SamplingParams, SchedulerConfig
 from picochat.engine.engine import LoadedModel, LocalEngine
 from picochat.errors import ConfigError, PromptTooLongError
-from picochat.model.config import ModelConfig
-from picochat.model.tokenizer import Tokenizer
-from picochat.model.transformer import Transformer
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
-
-
-def tiny_model(tokenizer: Tokenizer, std: float) -> LoadedModel:
-    """Random weights: std 0.5 gives varied output, std 0.2 output that falls into loops
-    (which n-gram drafts partly predict)."""
-    cfg = ModelConfig(architecture="llama", vocab_size=49152, hidden_size=64, intermediate_size=128,
-                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-                      max_position_embeddings=512, rope_theta=10000.0)
-    torch.manual_seed(0)
-    model = Transformer(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, std)
-    return LoadedModel("tiny", model.eval(), tokenizer)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(default_gguf_path) -> Tokenizer:
-    return Tokenizer.from_gguf(default_gguf_path)
-
-
-@pytest.fixture(scope="module")
-def tiny_loaded(tokenizer) -> LoadedModel:
-    return tiny_model(tokenizer, 0.5)
-
-
-@pytest.fixture(scope="module")
-def looping_loaded(tokenizer) -> LoadedModel:
-    return tiny_model(tokenizer, 0.2)
 
 
 def make_engine(loaded: LoadedModel, **sched) -> LocalEngine:

@@ -89,17 +89,20 @@ def run_one(engine: Engine, prompt: list[int], output_len: int) -> RequestResult
         stream = engine.submit(prompt, params)
         for delta in stream:
             t = time.perf_counter()
-            if delta.token_ids:
+            # servers that stream text without token ids (llama.cpp, OpenAI) still stream tokens
+            if delta.token_ids or delta.text:
                 if result.output_len == 0:
                     result.ttft = t - start
                 else:
                     result.itl.append(t - last)
                 last = t
-                result.output_len += len(delta.token_ids)
+                result.output_len += max(len(delta.token_ids), 1)
             if delta.finished:
                 if delta.error:
                     result.error = delta.error
                 if delta.timings is not None:
+                    if delta.timings.output_tokens:  # the server's own count (usage) is exact
+                        result.output_len = delta.timings.output_tokens
                     result.prefill_tok_s = delta.timings.prefill_tok_s
                     result.decode_tok_s = delta.timings.decode_tok_s
     except Exception as e:  # a failed request is reported, not fatal to the run
@@ -204,6 +207,12 @@ def run_bench(engine: Engine, cfg: BenchConfig, as_json: bool) -> dict:
     summary = summarize(results, duration, cfg)
     info = engine.info
     summary.update(model=info.model, dtype=info.dtype, quant=info.quant, device=info.device)
+    weight_bytes = engine.metrics().weight_bytes
+    if weight_bytes and summary["median_decode_tok_s"] and not info.remote:
+        from picochat.bench.roofline import roofline
+        # one weight pass per decode step; a step serves every running stream at once
+        steps_per_s = summary["median_decode_tok_s"]
+        summary.update(roofline(weight_bytes, steps_per_s, "cuda" if info.device.startswith("cuda") else "cpu"))
     print_table(summary, err if as_json else Console())
     if as_json:
         print(json.dumps(summary))
@@ -228,6 +237,10 @@ def print_table(s: dict, console) -> None:
     for name, label in (("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"), ("e2el", "E2E latency")):
         rows.append((f"{label} mean / p50 / p90 / p99 (ms)",
                      " / ".join(f"{s[f'{k}_{name}_ms']:.1f}" for k in ("mean", "p50", "p90", "p99"))))
+    if "achieved_weight_gbs" in s:
+        rows.append(("weight reads (GB/s, share of measured)",
+                     f"{s['achieved_weight_gbs']:.1f} / {s['measured_bandwidth_gbs']:.1f} = "
+                     f"{s['bandwidth_share']:.0%}"))
     if "request_goodput" in s:
         rows.append(("goodput (req/s)", f"{s['request_goodput']:.2f}"))
     for row in rows:

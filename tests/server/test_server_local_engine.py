@@ -4,6 +4,7 @@ engine's own, in seconds on a CPU."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
@@ -12,7 +13,6 @@ from typing import Iterator
 import httpx
 import openai
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from prometheus_client.parser import text_string_to_metric_families
 from request_bodies import bodies, paths, post_expecting_no_500
@@ -20,9 +20,6 @@ from server_live import MODEL, live_server, open_request, wait_for
 
 from picochat.config import EngineConfig, SamplingParams
 from picochat.engine.engine import LoadedModel, LocalEngine
-from picochat.model.config import ModelConfig
-from picochat.model.tokenizer import Tokenizer
-from picochat.model.transformer import Transformer
 from picochat.remote import RemoteEngine
 from picochat.server.app import create_app
 
@@ -32,16 +29,8 @@ TOPICS = ["the sea", "a long road through the mountains", "cats", "why the sky i
 
 
 @pytest.fixture(scope="module")
-def local(default_gguf_path) -> LocalEngine:
-    cfg = ModelConfig(architecture="llama", vocab_size=49152, hidden_size=64, intermediate_size=128,
-                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-                      max_position_embeddings=512, rope_theta=10000.0)
-    torch.manual_seed(0)
-    model = Transformer(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.5)
-    loaded = LoadedModel(MODEL, model.eval(), Tokenizer.from_gguf(default_gguf_path))
+def local(tiny_loaded: LoadedModel) -> LocalEngine:
+    loaded = dataclasses.replace(tiny_loaded, name=MODEL)
     return LocalEngine(EngineConfig(model=MODEL), loaded=loaded)
 
 

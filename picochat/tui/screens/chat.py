@@ -94,8 +94,9 @@ class ChatScreen(Screen):
         if used is None:
             chat = self.transcript.chat_messages()
             used = self.engine.count_prompt_tokens(chat) if chat else 0
-        limit = self.engine.info.max_model_len
-        self.query_one(PromptInput).border_subtitle = f"context {used:,} / {limit:,} ({used / limit:.0%})"
+        limit = self.engine.info.max_model_len  # 0: a remote server that does not say
+        self.query_one(PromptInput).border_subtitle = (
+            f"context {used:,} / {limit:,} ({used / limit:.0%})" if limit else f"context {used:,} / unknown")
 
     # ------------------------------------------------------------------ turns
     @property
@@ -118,7 +119,7 @@ class ChatScreen(Screen):
         """Submit the conversation; False (with the reason shown) when it cannot run."""
         prompt = self.transcript.chat_messages()
         needed, limit = self.engine.count_prompt_tokens(prompt), self.engine.info.max_model_len
-        if needed + 1 > limit:
+        if limit and needed + 1 > limit:
             self.notify(f"This turn needs {needed:,} tokens but the context holds {limit:,}: "
                         "shorten it or start a new chat (Ctrl+N).", title="Does not fit", severity="error")
             return False
