@@ -172,7 +172,8 @@ class HFTransformers:
         hf_logging.disable_progress_bar()
         self.name = f"HF transformers {dtype}"
         if model.is_file():  # a GGUF, dequantized into plain Linears of ``dtype``
-            source, extra = model.parent, dict(gguf_file=model.name, quantization_config=GgufConfig(dequantize=True))
+            source = model.parent
+            extra = {"gguf_file": model.name, "quantization_config": GgufConfig(dequantize=True)}
         else:
             source, extra = model, {}
         self.model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], **extra).eval()
@@ -236,7 +237,8 @@ class LlamaCpp:
                                      n_threads=threads, n_threads_batch=threads, verbose=False)
         params = llama_cpp.llama_context_params.from_buffer_copy(self.llama.context_params)  # same settings,
         params.n_seq_max = len(work.streams)  # but one KV sequence per stream
-        params.n_ctx = len(work.streams) * (max(map(len, work.streams)) + work.decode_tokens + 16)
+        per_stream = -(-(max(map(len, work.streams)) + work.decode_tokens) // 256) * 256  # llama.cpp pads to 256
+        params.n_ctx = len(work.streams) * per_stream
         params.n_batch = params.n_ubatch = sum(map(len, work.streams))
         self.streams_ctx = llama_cpp.llama_init_from_model(self.llama.model, params)
         if not self.streams_ctx:
@@ -345,9 +347,9 @@ def comparisons(results: dict[str, dict[str, list[float]]], peers: dict[str, str
                     ratio = ours / theirs if higher_better else theirs / ours
                 goal_config, issue = GOALS.get((peer, metric), (None, None))
                 goal = f">= {GOAL_RATIO:.2f}x ({issue})" if goal_config == config else None
-                rows.append(dict(peer=peer_key, picochat=config, metric=metric, picochat_value=ours,
-                                 peer_value=theirs, ratio=ratio, goal=goal,
-                                 met=None if goal is None or ratio is None else ratio >= GOAL_RATIO))
+                rows.append({"peer": peer_key, "picochat": config, "metric": metric, "picochat_value": ours,
+                             "peer_value": theirs, "ratio": ratio, "goal": goal,
+                             "met": None if goal is None or ratio is None else ratio >= GOAL_RATIO})
     return rows
 
 
@@ -363,7 +365,7 @@ def print_tables(report: dict, console) -> None:
     from rich.table import Table
 
     w = report["workload"]
-    sizes = dict(prefill=w["prefill_tokens"], streams=w["streams"], chat=w["chat_tokens"])
+    sizes = {"prefill": w["prefill_tokens"], "streams": w["streams"], "chat": w["chat_tokens"]}
     names = report["names"]
     for peer in dict.fromkeys(row["peer"] for row in report["comparisons"]):
         table = Table(title=f"picochat vs {names[peer]} — medians of {report['runs']} runs, "
@@ -382,7 +384,7 @@ def print_tables(report: dict, console) -> None:
     if not report["comparisons"]:  # picochat alone, or no peer ran: its own figures
         table = Table(title="figures (no peer to compare with)")
         table.add_column("system")
-        for metric, (label, unit, _) in METRICS.items():
+        for label, unit, _ in METRICS.values():
             table.add_column(f"{label.format(**sizes)} ({unit})", justify="right")
         for key, figures in report["systems"].items():
             table.add_row(names[key], *(fmt(m, figures[m]) for m in METRICS))
@@ -455,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
             results[key] = measure(system, work, args.runs)
             if peer:
                 peers[key] = peer
-        except Exception as e:  # one broken system must not lose the others' figures
+        except Exception as e:  # noqa: BLE001 -- one broken system must not lose the others' figures
             notes[key] = f"failed: {type(e).__name__}: {e}"
             log.print_exception(max_frames=4)
         finally:
@@ -466,8 +468,9 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "command": shlex.join(["python", *sys.argv]), "model": str(model), "threads": args.threads,
         "runs": args.runs, "versions": versions(),
-        "workload": dict(chat_tokens=len(work.chat), prefill_tokens=len(work.prefill), streams=len(work.streams),
-                         stream_prompt_tokens=[len(p) for p in work.streams], decode_tokens=work.decode_tokens),
+        "workload": {"chat_tokens": len(work.chat), "prefill_tokens": len(work.prefill),
+                     "streams": len(work.streams), "stream_prompt_tokens": [len(p) for p in work.streams],
+                     "decode_tokens": work.decode_tokens},
         "names": names,
         "systems": {key: {**{m: median(v) for m, v in samples.items()}, "samples": samples}
                     for key, samples in results.items()},

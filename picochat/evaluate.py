@@ -80,8 +80,8 @@ def perplexity(model: Transformer, token_ids: Sequence[int], window: int = 512,
                stride: int | None = None) -> float:
     """exp(mean NLL) over the text, Hugging Face's sliding-window method: windows of ``window``
     tokens start every ``stride`` tokens (default: half a window) and each scores only the tokens
-    no earlier window scored, with the window's other tokens as context. A window's first token has no context there, so
-    with ``stride == window`` (no overlap) the first token of every window goes unscored."""
+    no earlier window scored, with the window's other tokens as context. A window's first token
+    has no context there, so with ``stride == window`` (no overlap) it goes unscored."""
     if not 2 <= window <= model.config.max_position_embeddings:
         raise ConfigError(f"window must be in 2..{model.config.max_position_embeddings}, got {window}")
     stride = window // 2 if stride is None else stride
@@ -97,7 +97,8 @@ def perplexity(model: Transformer, token_ids: Sequence[int], window: int = 512,
         first = max(done, begin + 1) - begin  # chunk index of the first token to score
         # the logits at chunk index i predict chunk[i + 1]
         logits = _Sequence(model, len(chunk)).feed(chunk, range(first - 1, len(chunk) - 1))
-        nll += F.cross_entropy(logits, torch.tensor(chunk[first:], dtype=torch.int64, device=device), reduction="sum").item()
+        targets = torch.tensor(chunk[first:], dtype=torch.int64, device=device)
+        nll += F.cross_entropy(logits, targets, reduction="sum").item()
         count += len(chunk) - first
         done = end
         if end == len(token_ids):

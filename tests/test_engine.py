@@ -201,3 +201,25 @@ def test_ngram_speculation_keeps_greedy_output(looping_loaded, k):
     finally:
         plain.close()
         spec.close()
+
+
+def test_speculation_switches_live(looping_loaded):
+    from picochat.config import SpecConfig
+
+    params = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)
+    engine = make_engine(looping_loaded)
+    try:
+        expected = engine.submit(prompts()[1], params).result().token_ids
+        stream = engine.submit(prompts()[1], params)
+        engine.reconfigure(spec=SpecConfig(mode="ngram", k=3))
+        assert stream.result().token_ids == expected
+        for _ in range(200):
+            if engine.info.spec == "ngram":
+                break
+            time.sleep(0.01)
+        assert engine.submit(prompts()[1], params).result().token_ids == expected
+        assert engine.metrics().spec_decode_num_accepted_tokens_total > 0
+        engine.reconfigure(spec=SpecConfig(mode="off"))
+        assert engine.submit(prompts()[1], params).result().token_ids == expected
+    finally:
+        engine.close()

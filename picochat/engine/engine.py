@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from picochat.config import EngineConfig, QuantConfig, SamplingParams, SchedulerConfig
+from picochat.config import EngineConfig, QuantConfig, SamplingParams, SchedulerConfig, SpecConfig
 from picochat.engine import sampling
 from picochat.engine.kv_cache import KVCacheManager
 from picochat.engine.outputs import OutputProcessor
@@ -96,7 +96,7 @@ class LocalEngine:
         self.scheduler = Scheduler(sched_cfg, self.kv)
         self.runner = ModelRunner(self.model, self.kv, self.dtype, self.device)
         self.outputs = OutputProcessor(self.tokenizer)
-        self.proposer = self._make_proposer(config.spec)
+        self.proposer = make_proposer(config.spec, self._proposer_target())
 
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._requests: dict[str, Request] = {}
@@ -121,8 +121,7 @@ class LocalEngine:
             device=str(self.device), attention=self.attention_backend, max_model_len=self.max_model_len,
             spec=self.config.spec.mode, max_num_seqs=s.max_num_seqs,
             max_num_batched_tokens=s.max_num_batched_tokens,
-            unsupported={"spec:draft": "draft-model speculation is not implemented yet (use ngram)",
-                         "model": "switching models needs a restart: picochat --model NAME"})
+            unsupported={"model": "switching models needs a restart: picochat --model NAME"})
 
     def count_prompt_tokens(self, prompt: Prompt) -> int:
         return len(self._prompt_ids(prompt))
@@ -167,8 +166,9 @@ class LocalEngine:
             raise ConfigError(f"cannot reconfigure {', '.join(sorted(unknown))}")
         if "model" in changes and changes["model"] != self.config.model:
             raise ConfigError(self.info.unsupported["model"])
-        if "spec" in changes:
-            self._make_proposer(changes["spec"].validate())
+        if "spec" in changes and changes["spec"].validate().mode == "draft":
+            from picochat.model import registry
+            registry.resolve_model(changes["spec"].draft_model, fetch=False)  # fails now if it is unknown
         if "attention" in changes:
             self._resolve_attention(changes["attention"])
         budgets = {k: changes.pop(k) for k in ("max_num_seqs", "max_num_batched_tokens") if k in changes}
@@ -232,12 +232,22 @@ class LocalEngine:
             raise ConfigError(f"token ids must be integers in [0, {vocab})")
         return ids
 
-    def _make_proposer(self, spec):
-        target = ProposerTarget(self.model.config.vocab_size, self.dtype, self.device)
-        try:
-            return make_proposer(spec, target)
-        except ValueError:
-            raise ConfigError(self.info.unsupported["spec:draft"]) from None
+    def _proposer_target(self) -> ProposerTarget:
+        return ProposerTarget(self.model.config.vocab_size, self.dtype, self.device)
+
+    def _start_spec_switch(self, spec: SpecConfig) -> None:
+        """Build the proposer (a draft model loads for seconds) on a helper thread; the loop
+        installs it between two steps."""
+
+        def work() -> None:
+            try:
+                self._activity = f"preparing {spec.mode} speculation"
+                self._inbox.put(("set_proposer", (spec, make_proposer(spec, self._proposer_target()))))
+            except Exception as e:  # reported in the status line; the old proposer keeps serving
+                log.error("speculation switch failed:\n%s", traceback.format_exc())
+                self._activity = f"speculation switch failed: {e}"
+
+        threading.Thread(target=work, name="picochat-spec", daemon=True).start()
 
     def _resolve_attention(self, name: str) -> str:
         try:
@@ -330,6 +340,8 @@ class LocalEngine:
                 self._apply_changes(payload)
             elif kind == "swap_linears":
                 self._swap_linears(*payload)
+            elif kind == "set_proposer":
+                self._set_proposer(*payload)
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
@@ -346,10 +358,14 @@ class LocalEngine:
         if "quant" in changes and changes["quant"] != self.config.quant:
             self._start_quant_switch(changes["quant"])
         if "spec" in changes:
-            self.proposer = self._make_proposer(changes["spec"])
-            self.config = dataclasses.replace(self.config, spec=changes["spec"])
-            for req in self.scheduler.running:
-                req.spec_token_ids = []
+            self._start_spec_switch(changes["spec"])
+
+    def _set_proposer(self, spec: SpecConfig, proposer) -> None:
+        self.proposer = proposer
+        for req in self.scheduler.running:  # drafts of the old proposer are not verified
+            req.spec_token_ids = []
+        self.config = dataclasses.replace(self.config, spec=spec)
+        self._activity = None
 
     def _swap_linears(self, quant: QuantConfig, linears: dict) -> None:
         from picochat.model.quantize import swap_linears

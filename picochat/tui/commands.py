@@ -129,6 +129,16 @@ def engine_commands(screen: "ChatScreen") -> list[PaletteCommand]:
         screen.app.push_screen(dialog, _when_given(lambda spec: screen.reconfigure("spec draft", spec=spec)))
     add("spec", "draft model…", "a small model proposes, the main model verifies", draft, key="spec:draft")
 
+    def spec_k() -> None:
+        mode = info.spec if info.spec != "off" else "ngram"
+        parse = _number(int, "k")
+        dialog = ValueDialog("spec: draft tokens per step (k)", "4",
+                             lambda text: SpecConfig(mode=mode, k=parse(text)).validate())
+        screen.app.push_screen(dialog, _when_given(lambda spec: screen.reconfigure(f"spec {mode} k={spec.k}",
+                                                                                   spec=spec)))
+    add("spec", "draft tokens per step (k)…", "1–16; applies to the next step", spec_k)
+    add("spec", "highlight accepted drafts", "toggle (F4)", screen.action_toggle_drafts)
+
     for backend in ("auto", "triton", "sdpa", "reference"):
         add("attention", backend, "current" if info.attention == backend else "attention kernel backend",
             partial(screen.reconfigure, f"attention {backend}", attention=backend))

@@ -35,6 +35,8 @@ class ReplyChunk(Message):
 
     request_id: str
     text: str
+    # the same text cut into (fragment, came from an accepted draft token) runs
+    segments: tuple[tuple[str, bool], ...] = ()
 
 
 @dataclass

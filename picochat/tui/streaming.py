@@ -22,19 +22,19 @@ MAX_REPAINTS_PER_S = 25.0
 def pump(stream: Stream, post: Callable[[Message], object], max_rate_hz: float = MAX_REPAINTS_PER_S) -> None:
     """Post the stream's text as batched chunks, then its end. Blocks until the stream ends."""
     interval = 1.0 / max_rate_hz
-    pending: list[str] = []
+    pending: list[tuple[str, bool]] = []
     next_flush = time.perf_counter()
     while True:
         wait = max(0.0, next_flush - time.perf_counter()) if pending else None
         delta = stream.get(timeout=wait)
-        if delta is not None:
-            pending.append(delta.text)
+        if delta is not None and delta.text:
+            pending.append((delta.text, any(delta.accepted_draft)))
         now = time.perf_counter()
         if pending and (now >= next_flush or (delta is not None and delta.finished)):
-            text = "".join(pending)
+            text = "".join(fragment for fragment, _ in pending)
+            segments = tuple(pending)
             pending.clear()
-            if text:
-                post(ReplyChunk(stream.request_id, text))
+            post(ReplyChunk(stream.request_id, text, segments))
             next_flush = now + interval
         if delta is not None and delta.finished:
             post(ReplyFinished(stream.request_id, delta.finish_reason, delta.timings, delta.error))

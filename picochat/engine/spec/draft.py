@@ -3,9 +3,10 @@
 It owns the draft Transformer, its own paged KV pool and its own ``ModelRunner`` (the target's
 pool is never touched). Per request it remembers how many of the request's tokens the draft cache
 holds and which draft tokens follow them there. ``propose`` first reconciles that with the
-request's tokens — drafts the target accepted stay cached, the rest are truncated (this also
-covers steps ``update`` never saw: a preempted request, drafts the scheduler trimmed) — then runs
-one batched forward that catches every request's draft cache up to its last token (the whole
+request's tokens — drafts the target accepted stay cached, the rest are truncated. The rollback
+lives there rather than in ``update`` (which only feeds AdaptiveK), so it also covers steps
+``update`` never sees: a preempted request, a request the scheduler left out. Then it runs one
+batched forward that catches every request's draft cache up to its last token (the whole
 prompt on first sight, usually 1–2 tokens later) and k − 1 batched single-token forwards.
 
 Each draft token is drawn from ``sampling.probs`` on the draft's logits with the request's
@@ -51,12 +52,21 @@ DRAFT_SEED_OFFSET = 0x5EED  # a seeded request's draft generator: seed + this
 
 @dataclass
 class _DraftState:
+    request: Request
     controller: AdaptiveK
     generator: torch.Generator | None  # the draft's draws (never the request's own generator)
     num_cached: int = 0  # leading tokens of the request whose K/V the draft cache holds
     drafts: list[int] = field(default_factory=list)  # this step's proposal; all but the last are cached
-    probs: Tensor | None = None  # [len(drafts), V]: the distributions the drafts were drawn from
-    request: Request | None = None
+    probs: list[Tensor] = field(default_factory=list)  # [V] each: the distributions the drafts were drawn from
+
+
+@dataclass
+class _Drafting:
+    """A request drafting this step."""
+
+    request: Request
+    state: _DraftState
+    k: int
 
 
 @dataclass
@@ -87,39 +97,21 @@ class DraftModelProposer:
 
     def propose(self, requests: list[Request]) -> None:
         """Set ``spec_token_ids`` on each request (empty where it should not speculate)."""
-        batch: list[tuple[Request, _DraftState, int]] = []
-        for req in requests:
-            state = self._state(req)
-            self._reconcile(req, state)
-            # accepted drafts plus the bonus token stay within the request's token limit, and the
-            # k − 1 cached drafts within the draft's context
-            k = min(state.controller.k, req.max_total_tokens - req.num_tokens - 1,
-                    self.max_positions - req.num_tokens + 1)
-            req.spec_token_ids = []
-            if k > 0 and self.kv.allocate_slots(req.request_id, req.num_tokens + k - 1):
-                batch.append((req, state, k))
-        if not batch:
-            return
+        batch = [drafting for drafting in map(self._prepare, requests) if drafting is not None]
         # catch up: from what the draft has cached (at least the last token, for its logits) to the end
-        logits = self._forward([_DraftSequence(req.request_id, req.token_ids, min(state.num_cached, req.num_tokens - 1))
-                                for req, state, _ in batch])
-        for req, state, _ in batch:
-            state.num_cached = req.num_tokens
-        probs: list[list[Tensor]] = [[] for _ in batch]
-        drafting = list(range(len(batch)))
-        for j in range(max(k for _, _, k in batch)):
-            if j > 0:  # the previous draft in, the next one's logits out
-                logits = self._forward([_DraftSequence(batch[i][0].request_id, batch[i][0].token_ids + batch[i][1].drafts,
-                                                       batch[i][0].num_tokens + j - 1) for i in drafting])
-            q = self._draw(logits, [batch[i] for i in drafting])
-            for i, q_row in zip(drafting, q):
-                probs[i].append(q_row)
-            drafting = [i for i in drafting if batch[i][2] > j + 1]
-            if not drafting:
-                break
-        for (req, state, _), probs_r in zip(batch, probs):
-            req.spec_token_ids = list(state.drafts)
-            state.probs = torch.stack(probs_r)
+        step = [_DraftSequence(d.request.request_id, d.request.token_ids,
+                               min(d.state.num_cached, d.request.num_tokens - 1)) for d in batch]
+        for d in batch:
+            d.state.num_cached = d.request.num_tokens
+        drafting = batch
+        while drafting:
+            self._draw(self._forward(step), drafting)
+            drafting = [d for d in drafting if len(d.state.drafts) < d.k]
+            # the newest draft in, the next one's logits out
+            step = [_DraftSequence(d.request.request_id, d.request.token_ids + d.state.drafts,
+                                   d.request.num_tokens + len(d.state.drafts) - 1) for d in drafting]
+        for d in batch:
+            d.request.spec_token_ids = list(d.state.drafts)
 
     def update(self, req: Request, proposed: int, accepted: int) -> None:
         state = self._states.get(req.request_id)
@@ -130,22 +122,31 @@ class DraftModelProposer:
         """[k, V] the distributions the request's current drafts were drawn from (k: the drafts it
         verifies, after the scheduler's trimming)."""
         state = self._states[request_id]
-        assert state.probs is not None and state.request is not None, request_id
-        return state.probs[:len(state.request.spec_token_ids)]
+        k = len(state.request.spec_token_ids)
+        assert 0 < k <= len(state.probs), (request_id, k, len(state.probs))
+        return torch.stack(state.probs[:k])
 
     def drop(self, request_id: str) -> None:
         self._states.pop(request_id, None)
         self.kv.free(request_id)
 
     # ------------------------------------------------------------------------------ helpers
-    def _state(self, req: Request) -> _DraftState:
+    def _prepare(self, req: Request) -> _Drafting | None:
+        """Reconcile the request's draft cache and choose its k; None: it does not speculate."""
         state = self._states.get(req.request_id)
         if state is None:
             seed = req.params.seed
             state = self._states[req.request_id] = _DraftState(
-                AdaptiveK(self.config.k), sampling.make_generator(None if seed is None else seed + DRAFT_SEED_OFFSET),
-                request=req)
-        return state
+                req, AdaptiveK(self.config.k),
+                sampling.make_generator(None if seed is None else seed + DRAFT_SEED_OFFSET))
+        self._reconcile(req, state)
+        req.spec_token_ids = []
+        # accepted drafts plus the bonus token stay within the request's token limit, and the
+        # k − 1 cached drafts within the draft's context
+        k = min(state.controller.k, req.max_total_tokens - req.num_tokens - 1, self.max_positions - req.num_tokens + 1)
+        if k > 0 and self.kv.allocate_slots(req.request_id, req.num_tokens + k - 1):
+            return _Drafting(req, state, k)
+        return None
 
     def _reconcile(self, req: Request, state: _DraftState) -> None:
         """Keep the cached drafts that became the request's tokens; truncate the rest."""
@@ -155,25 +156,27 @@ class DraftModelProposer:
         while kept < len(new) and new[kept] == cached[kept]:
             kept += 1
         state.num_cached += kept
-        state.drafts, state.probs = [], None
+        state.drafts, state.probs = [], []
         if req.request_id in self.kv.requests:
             self.kv.truncate(req.request_id, state.num_cached)
 
     def _forward(self, sequences: list[_DraftSequence]) -> Tensor:
-        chunks = [ScheduledChunk(seq, seq.num_tokens - seq.num_computed_tokens) for seq in sequences]  # type: ignore[arg-type]
+        """One batched draft forward: logits [len(sequences), V] of each sequence's last token."""
+        chunks = [ScheduledChunk(seq, seq.num_tokens - seq.num_computed_tokens)  # type: ignore[arg-type]
+                  for seq in sequences]
         logits, _ = self.runner.execute(SchedulerOutput(chunks))
         return logits
 
-    def _draw(self, logits: Tensor, batch: list[tuple[Request, _DraftState, int]]) -> Tensor:
-        """Append one draft token per request, drawn from q; returns q [B, V]."""
-        rows = [position_rows(SamplingRow(req.params, req.prompt_token_ids, req.output_token_ids, state.generator),
-                              state.drafts)[-1] for req, state, _ in batch]
+    def _draw(self, logits: Tensor, batch: list[_Drafting]) -> None:
+        """Append one draft token per request, drawn from q, and q [V] itself."""
+        rows = [position_rows(SamplingRow(d.request.params, d.request.prompt_token_ids, d.request.output_token_ids,
+                                          d.state.generator), d.state.drafts)[-1] for d in batch]
         q = sampling.probs(logits, rows)
         tokens = q.argmax(dim=-1)  # greedy rows: q is one-hot at the argmax
         sampled = [i for i, row in enumerate(rows) if not row.greedy]
         if sampled:
             index = torch.tensor(sampled, dtype=torch.int64, device=q.device)
             tokens[index] = sampling.sample_from_probs(q[index], [rows[i].generator for i in sampled])
-        for (_, state, _), token in zip(batch, tokens.tolist()):
-            state.drafts.append(token)
-        return q
+        for d, token, q_row in zip(batch, tokens.tolist(), q):
+            d.state.drafts.append(token)
+            d.state.probs.append(q_row)

@@ -71,7 +71,8 @@ def make_proposer(config: SpecConfig, target: ProposerTarget) -> NgramProposer |
     if config.mode == "ngram":
         return NgramProposer(config)
     if config.mode == "draft":
-        from picochat.engine import engine  # imported here: the engine imports this module
+        # imported here: the engine imports this module
+        from picochat.engine import engine
 
         dtype = next(name for name, value in engine.DTYPES.items() if value == target.dtype)
         draft = engine.load_model(EngineConfig(model=config.draft_model, dtype=dtype), target.device)

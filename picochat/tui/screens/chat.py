@@ -48,6 +48,7 @@ class ChatScreen(Screen):
         Binding("ctrl+n", "new_chat", "New chat"),
         Binding("f2", "edit_system_prompt", "System"),
         Binding("f3", "toggle_panel", "Metrics"),
+        Binding("f4", "toggle_drafts", "Drafts"),
     ]
 
     sampling: reactive[SamplingParams] = reactive(SamplingParams, init=False)
@@ -60,6 +61,7 @@ class ChatScreen(Screen):
         self.metrics_interval = metrics_interval
         self.request_id: str | None = None  # the reply streaming now
         self._reply: MessageView | None = None
+        self.show_drafts = False  # highlight accepted speculative draft tokens (F4)
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="main"):
@@ -131,6 +133,7 @@ class ChatScreen(Screen):
         self.request_id = stream.request_id
         self.update_context(needed)
         self._reply = await self.query_one(ChatLog).add(MessageView("assistant", stats="generating…"))
+        self._reply.show_drafts(self.show_drafts)
         self.transcript.save()
         self._read_stream(stream)
         return True
@@ -141,7 +144,7 @@ class ChatScreen(Screen):
 
     async def on_reply_chunk(self, message: ReplyChunk) -> None:
         if message.request_id == self.request_id and self._reply is not None:
-            await self._reply.append(message.text)
+            await self._reply.append(message.text, message.segments)
 
     async def on_reply_finished(self, message: ReplyFinished) -> None:
         if message.request_id != self.request_id or self._reply is None:
@@ -195,6 +198,13 @@ class ChatScreen(Screen):
 
     def action_toggle_panel(self) -> None:
         self.toggle_class("-no-panel")
+
+    def action_toggle_drafts(self) -> None:
+        """Highlight the reply tokens that came from accepted speculative drafts (or stop)."""
+        self.show_drafts = not self.show_drafts
+        for view in self.query(MessageView):
+            view.show_drafts(self.show_drafts)
+        self.notify("Accepted draft tokens highlighted." if self.show_drafts else "Replies shown as Markdown.")
 
     # ------------------------------------------------------------------ palette actions
     def export(self, fmt: ExportFormat) -> None:

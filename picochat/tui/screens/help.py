@@ -18,6 +18,7 @@ KEYS = (
     ("Ctrl+N", "new chat (the current one stays saved)"),
     ("F2", "edit the system prompt"),
     ("F3", "show / hide the metrics panel"),
+    ("F4", "highlight tokens from accepted speculative drafts"),
     ("Ctrl+P", "command palette: sampling, quant, batch, spec, attention, model, theme, export, load"),
     ("Tab", "move focus; PgUp / PgDn scroll the focused chat log"),
     ("F1 or ?", "this help (? outside the message box)"),

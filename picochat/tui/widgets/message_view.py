@@ -1,5 +1,8 @@
 """One chat message: a role label over Markdown, with a stats line under assistant replies.
 
+With speculative decoding, the reply can instead be shown as plain text with the tokens that came
+from accepted draft proposals highlighted (:meth:`show_drafts`, toggled from the chat screen).
+
 An assistant reply grows while it streams: :meth:`MessageView.append` feeds text through
 Textual's MarkdownStream, which coalesces fragments that arrive while a repaint is running, so
 only the last Markdown block is re-parsed and nothing flickers.
@@ -9,7 +12,8 @@ from __future__ import annotations
 
 from textual.app import ComposeResult
 from textual.containers import Vertical
-from textual.widgets import Label, Markdown
+from rich.text import Text
+from textual.widgets import Label, Markdown, Static
 from textual.widgets.markdown import MarkdownStream
 
 from picochat.tui.transcript import Message, Role
@@ -33,6 +37,16 @@ class MessageView(Vertical):
         padding: 0 0 0 1;
         background: transparent;
     }
+    MessageView > .drafts {
+        padding: 0 0 0 1;
+        display: none;
+    }
+    MessageView.-drafts > .drafts {
+        display: block;
+    }
+    MessageView.-drafts > Markdown {
+        display: none;
+    }
     MessageView > .stats {
         color: $text-muted;
         padding: 0 0 0 1;
@@ -48,6 +62,7 @@ class MessageView(Vertical):
         self._text = text
         self._stats = stats
         self._stream: MarkdownStream | None = None
+        self._segments: list[tuple[str, bool]] = [(text, False)] if text else []
 
     @classmethod
     def of(cls, message: Message) -> "MessageView":
@@ -56,6 +71,7 @@ class MessageView(Vertical):
     def compose(self) -> ComposeResult:
         yield Label("You" if self.role == "user" else "Assistant", classes="role")
         yield Markdown(self._text)
+        yield Static(classes="drafts")
         stats = Label(self._stats, classes="stats")
         stats.display = bool(self._stats)
         yield stats
@@ -64,9 +80,24 @@ class MessageView(Vertical):
     def text(self) -> str:
         return self._text
 
-    async def append(self, fragment: str) -> None:
-        """Add streamed text to the reply."""
+    def show_drafts(self, on: bool) -> None:
+        """Show the reply as text with accepted draft tokens highlighted, or as Markdown."""
+        self.set_class(on, "-drafts")
+        if on:
+            self._render_drafts()
+
+    def _render_drafts(self) -> None:
+        text = Text()
+        for fragment, drafted in self._segments:
+            text.append(fragment, style="reverse" if drafted else "")
+        self.query_one(".drafts", Static).update(text)
+
+    async def append(self, fragment: str, segments: tuple[tuple[str, bool], ...] = ()) -> None:
+        """Add streamed text to the reply (``segments``: the same text split by draft origin)."""
         self._text += fragment
+        self._segments.extend(segments or ((fragment, False),))
+        if self.has_class("-drafts"):
+            self._render_drafts()
         if self._stream is None:
             self.add_class("-streaming")
             self._stream = Markdown.get_stream(self.query_one(Markdown))

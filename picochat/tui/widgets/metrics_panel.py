@@ -29,6 +29,7 @@ class MetricsPanel(VerticalScroll):
         super().__init__(id=id)
         self._seen_requests: set[str] = set()
         self._devices: list[tuple[MetricPlot, MetricPlot]] = []
+        self._spec_counts: tuple[int, int] | None = None  # (draft tokens, accepted) at the last update
 
     def compose(self) -> ComposeResult:
         yield MetricPlot("TTFT / request", id="ttft")
@@ -37,6 +38,7 @@ class MetricsPanel(VerticalScroll):
         yield MetricPlot("KV cache", ceiling=1.0, id="kv")
         yield MetricPlot("waiting", id="waiting", classes="-queue")
         yield MetricPlot("running", id="running")
+        yield MetricPlot("spec acceptance", ceiling=1.0, id="spec")
 
     def _plot(self, plot_id: str) -> MetricPlot:
         return self.query_one(f"#{plot_id}", MetricPlot)
@@ -55,7 +57,24 @@ class MetricsPanel(VerticalScroll):
         self._plot("kv").push(snap.kv_cache_usage_perc, kv_text)
         for plot_id, value in (("waiting", snap.num_requests_waiting), ("running", snap.num_requests_running)):
             self._plot(plot_id).push(value, fmt.UNAVAILABLE if value is None else str(value))
+        self._update_spec(snap)
         self._update_memory(snap.memory)
+
+    def _update_spec(self, snap: MetricsSnapshot) -> None:
+        """Acceptance rate of the drafts verified since the last update (vLLM's counters)."""
+        drafted, accepted = snap.spec_decode_num_draft_tokens_total, snap.spec_decode_num_accepted_tokens_total
+        if drafted is None or accepted is None:
+            self._plot("spec").push(None, fmt.UNAVAILABLE)
+            return
+        before = self._spec_counts or (drafted, accepted)
+        self._spec_counts = (drafted, accepted)
+        new_drafted = drafted - before[0]
+        if new_drafted > 0:
+            rate = (accepted - before[1]) / new_drafted
+            self._plot("spec").push(rate, fmt.percent(rate))
+        else:
+            total = snap.spec_acceptance_rate
+            self._plot("spec").push(None, "idle" if total is None else f"{fmt.percent(total)} overall")
 
     def _update_memory(self, devices: tuple[DeviceStats, ...]) -> None:
         while len(self._devices) < len(devices):
