@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +72,7 @@ def main() -> None:
     token_ids = tokenizer.encode(text)
     results = []
     for row in rows(args.quant_dtype):
+        print(f"measuring {row.name}", file=sys.stderr, flush=True)
         model = reference if row.name == "bf16" else build(path, row, device)[0]
         agreement = greedy_agreement(reference, model, tokenizer, max_tokens=args.max_tokens)
         results.append({"weights": row.name, "dtype": row.dtype, "quant": row.quant.mode,

@@ -85,7 +85,8 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 def paged_attention_sdpa(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          meta: AttentionMetadata, scale: float,
                          sliding_window: int | None = None) -> torch.Tensor:
-    """The fast CPU path: torch SDPA per sequence, GQA folded into the query length for decode."""
+    """The fast CPU path, one sequence at a time: SDPA for prefill chunks, an fp32 bmm with the
+    query heads of each KV group folded together for decode rows."""
     out = torch.empty_like(q)
     h, hkv, d = q.shape[1], k_cache.shape[2], q.shape[2]
     group = h // hkv
@@ -95,10 +96,12 @@ def paged_attention_sdpa(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         vs = gather_kv(v_cache, meta.block_tables[i], seq_len).transpose(0, 1)
         qs = q[start:start + q_len]  # [Lq, H, D]
         if q_len == 1 and (sliding_window is None or seq_len <= sliding_window):
-            # one query: the heads of a KV group become the query rows of one SDPA call
-            qg = qs.view(hkv, group, d)  # [Hkv, G, D]
-            o = F.scaled_dot_product_attention(qg, ks.to(q.dtype), vs.to(q.dtype), scale=scale)
-            out[start] = o.reshape(h, d)
+            # one query: the heads of a KV group become the rows of one fp32 bmm (cheaper than SDPA
+            # for a single query on CPU)
+            qg = qs.view(hkv, group, d).float()  # [Hkv, G, D]
+            scores = torch.bmm(qg, ks.float().transpose(1, 2)).mul_(scale)  # [Hkv, G, L]
+            o = torch.bmm(scores.softmax(dim=-1), vs.float())  # [Hkv, G, D]
+            out[start] = o.view(h, d)
         else:
             qh = qs.transpose(0, 1)  # [H, Lq, D]
             kh = ks.repeat_interleave(group, dim=0).to(q.dtype)
