@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from picochat.config import QuantConfig
+from picochat.errors import ConfigError
 from picochat.engine.engine import DTYPES
 from picochat.evaluate import greedy_agreement, perplexity, read_text
 from picochat.model.build import build_transformer
@@ -70,23 +70,25 @@ def main() -> None:
     text = read_text(args.text)
     reference, tokenizer = build(path, Row("bf16", "bfloat16", QuantConfig()), device)
     token_ids = tokenizer.encode(text)
+    bf16_ppl = perplexity(reference, token_ids, window=args.window, stride=args.stride)
+    print(f"{path.name}: {len(token_ids)} tokens, window {args.window}, stride {args.stride}, device {device}")
+    print(f"{'weights':<24} {'dtype':<9} {'perplexity':>10} {'vs bf16':>8} {'agree/pos':>9} {'prefix':>7}", flush=True)
     results = []
     for row in rows(args.quant_dtype):
-        print(f"measuring {row.name}", file=sys.stderr, flush=True)
-        model = reference if row.name == "bf16" else build(path, row, device)[0]
+        try:
+            model = reference if row.name == "bf16" else build(path, row, device)[0]
+        except ConfigError as e:  # e.g. a group size that does not divide the model's widths
+            print(f"{row.name:<24} skipped: {e}", flush=True)
+            continue
+        ppl = bf16_ppl if model is reference else perplexity(model, token_ids, window=args.window, stride=args.stride)
         agreement = greedy_agreement(reference, model, tokenizer, max_tokens=args.max_tokens)
+        print(f"{row.name:<24} {row.dtype:<9} {ppl:>10.4f} {ppl / bf16_ppl:>8.4f} "
+              f"{agreement.per_position:>9.3f} {agreement.until_divergence:>7.3f}", flush=True)
         results.append({"weights": row.name, "dtype": row.dtype, "quant": row.quant.mode,
                         "group": row.quant.group_size if row.quant.mode == "int4" else None,
-                        "perplexity": perplexity(model, token_ids, window=args.window, stride=args.stride),
-                        "agreement_per_position": agreement.per_position,
+                        "perplexity": ppl, "agreement_per_position": agreement.per_position,
                         "agreement_prefix": agreement.until_divergence, "positions": agreement.positions})
         del model
-    bf16_ppl = next(r["perplexity"] for r in results if r["weights"] == "bf16")
-    print(f"{path.name}: {len(token_ids)} tokens, window {args.window}, stride {args.stride}, device {device}")
-    print(f"{'weights':<24} {'dtype':<9} {'perplexity':>10} {'vs bf16':>8} {'agree/pos':>9} {'prefix':>7}")
-    for r in results:
-        print(f"{r['weights']:<24} {r['dtype']:<9} {r['perplexity']:>10.4f} {r['perplexity'] / bf16_ppl:>8.4f} "
-              f"{r['agreement_per_position']:>9.3f} {r['agreement_prefix']:>7.3f}")
     print(json.dumps({"model": path.name, "tokens": len(token_ids), "window": args.window, "stride": args.stride,
                       "device": str(device), "rows": results}))
 

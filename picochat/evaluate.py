@@ -106,30 +106,31 @@ def perplexity(model: Transformer, token_ids: Sequence[int], window: int = 512,
     return math.exp(nll / count)
 
 
-def greedy_tokens(model: Transformer, prompt_ids: Sequence[int], max_tokens: int,
-                  stop_id: int | None) -> list[int]:
-    """Greedy continuation of ``prompt_ids``: up to ``max_tokens`` tokens, ending at ``stop_id``."""
+def greedy_tokens(model: Transformer, prompt_ids: Sequence[int], max_tokens: int, stop_id: int | None,
+                  forced: Sequence[int] | None = None) -> list[int]:
+    """The model's greedy choice at each step after ``prompt_ids``: up to ``max_tokens`` tokens,
+    ending at ``stop_id``. Each step is fed the previous choice, or with ``forced`` (teacher
+    forcing) the previous forced token instead — the same prefill and decode steps either way."""
     seq = _Sequence(model, len(prompt_ids) + max_tokens)
-    token = int(seq.feed(prompt_ids, [len(prompt_ids) - 1])[0].argmax())
-    out = [token]
-    while len(out) < max_tokens and token != stop_id:
-        token = int(seq.feed([token], [0])[0].argmax())
-        out.append(token)
-    return out
+    chosen = [int(seq.feed(prompt_ids, [len(prompt_ids) - 1])[0].argmax())]
+    fed = chosen if forced is None else forced  # ``chosen`` grows as it is fed
+    while len(chosen) < max_tokens and fed[len(chosen) - 1] != stop_id:
+        chosen.append(int(seq.feed([fed[len(chosen) - 1]], [0])[0].argmax()))
+    return chosen
 
 
 def greedy_agreement(model_a: Transformer, model_b: Transformer, tokenizer, prompts: Sequence[str] = PROMPTS,
                      max_tokens: int = 32) -> Agreement:
-    """Model a (the reference) writes a greedy reply to each prompt; model b reads the same tokens
-    in one pass, and at each position its argmax is compared with a's token. b's own greedy reply
-    equals a's up to the first position where they differ, so one pass gives both measures."""
+    """Model a (the reference) writes a greedy reply to each prompt; model b is fed the same tokens
+    through the same decode steps, and at each position its greedy choice is compared with a's.
+    Up to the first difference b takes exactly the steps it would take generating alone, so its
+    own reply equals a's that far: one pass gives both measures, and a model agrees with itself."""
     matches, until_divergence = [], []
     for prompt in prompts:
         prompt_ids = tokenizer.encode_chat([{"role": "user", "content": prompt}])
         reply = greedy_tokens(model_a, prompt_ids, max_tokens, tokenizer.eos_token_id)
-        tokens = list(prompt_ids) + reply[:-1]
-        logits = _Sequence(model_b, len(tokens)).feed(tokens, range(len(prompt_ids) - 1, len(tokens)))
-        same = [b == a for b, a in zip(logits.argmax(dim=-1).tolist(), reply)]
+        choices = greedy_tokens(model_b, prompt_ids, len(reply), None, forced=reply)
+        same = [b == a for b, a in zip(choices, reply)]
         matches += same
         until_divergence.append((same.index(False) if False in same else len(same)) / len(same))
     return Agreement(sum(matches) / len(matches), sum(until_divergence) / len(until_divergence), len(matches))
