@@ -106,14 +106,18 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # uninitialised: weights are always loaded (and normal_ on the meta device would import dynamo)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.register_buffer("cos_sin", reference.rope_cos_sin_cache(
-            cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling), persistent=False)
+        with torch.device("cpu"):  # a real table even while the weights are built on the meta device
+            cos_sin = reference.rope_cos_sin_cache(
+                cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+        self.register_buffer("cos_sin", cos_sin, persistent=False)
         self.kernels = Kernels.select("sdpa", torch.device("cpu"))
 
     @torch.inference_mode()
@@ -165,8 +169,6 @@ class Transformer(nn.Module):
         model.load_state_dict({k: v.to(dtype) for k, v in params.items()}, strict=False, assign=True)
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
-        model.cos_sin = reference.rope_cos_sin_cache(
-            cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
         return model.eval()
 
 
