@@ -126,6 +126,13 @@ def test_converted_cache_is_written_once_and_reloads_equal(default_checkpoint, d
     assert warm.tensors.keys() == default_checkpoint.tensors.keys()
     for name, t in default_checkpoint.tensors.items():
         assert torch.equal(warm.tensors[name], t), name
+    assert warm.config == default_checkpoint.config  # from the cache, without opening the GGUF
+    chat = [{"role": "user", "content": "Hi there 🙂, 日本語?"}]
+    cold_tok, warm_tok = default_checkpoint.tokenizer, warm.tokenizer
+    assert warm_tok.encode_chat(chat) == cold_tok.encode_chat(chat)
+    assert (warm_tok.stop_token_ids, warm_tok.bos_token_id) == (cold_tok.stop_token_ids, cold_tok.bos_token_id)
+    override = load_checkpoint(default_model_path, torch.float32, chat_template="{{ messages[0]['content'] }}")
+    assert override.tokenizer.render_chat(chat) == chat[0]["content"]
 
     converted.write_bytes(b"not safetensors")  # a corrupt cache is converted again, not an error
     again = load_checkpoint(default_model_path, torch.float32)

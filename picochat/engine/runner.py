@@ -22,8 +22,9 @@ class ModelRunner:
         self.device = device
         cfg = model.config
         shape = (kv.num_blocks, kv.block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.caches = [KVCache(torch.zeros(shape, dtype=dtype, device=device),
-                               torch.zeros(shape, dtype=dtype, device=device)) for _ in range(cfg.num_layers)]
+        # uninitialised: attention reads only slots written earlier (positions < seq_len)
+        self.caches = [KVCache(torch.empty(shape, dtype=dtype, device=device),
+                               torch.empty(shape, dtype=dtype, device=device)) for _ in range(cfg.num_layers)]
 
     @staticmethod
     def kv_bytes_per_block(model_cfg, block_size: int, dtype: torch.dtype) -> int:

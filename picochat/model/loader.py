@@ -28,7 +28,7 @@ from picochat.model.safetensors_loader import read_hf_config, read_safetensors
 if TYPE_CHECKING:
     from picochat.model.tokenizer import Tokenizer
 
-CONVERTED_FORMAT = "1"  # bump when the GGUF → HF conversion changes, to invalidate old caches
+CONVERTED_FORMAT = "2"  # bump when the GGUF → HF conversion changes, to invalidate old caches
 _IGNORED_HF_TENSOR = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
 
@@ -119,19 +119,24 @@ def _load_hf_dir(path: Path, dtype: torch.dtype, chat_template: str | None) -> L
 
 def _load_gguf(path: Path, dtype: torch.dtype, keep_quantized: bool,
                chat_template: str | None) -> LoadedCheckpoint:
+    from picochat.model.tokenizer import Tokenizer  # lazy: tokenizers + jinja2 are slow to import
+
+    converted = None if keep_quantized else converted_path(path, dtype)
+    cached = _read_converted(converted) if converted is not None else None
+    if cached is not None:  # the GGUF itself is not even opened: its header parse costs seconds
+        config, tensors, tokenizer_json = cached
+        check_shapes(config, tensors, {}, path)
+        return LoadedCheckpoint(config, tensors, Tokenizer.from_json(tokenizer_json, chat_template),
+                                path, "gguf")
     reader = open_gguf(path)
     config = config_from_gguf(reader, path)
-    converted = None if keep_quantized else converted_path(path, dtype)
-    cached = _read_converted(converted, config) if converted is not None else None
-    if cached is None:
-        tensors, quantized = read_gguf_tensors(reader, config, path, dtype, keep_quantized)
-    else:
-        tensors, quantized = cached, {}
+    tensors, quantized = read_gguf_tensors(reader, config, path, dtype, keep_quantized)
     check_shapes(config, tensors, quantized, path)
-    if converted is not None and cached is None:
-        _write_converted(converted, tensors, config)
-    from picochat.model.tokenizer import Tokenizer  # lazy: tokenizers + jinja2 are slow to import
-    tokenizer = Tokenizer.from_gguf_reader(reader, chat_template=chat_template)
+    tokenizer = Tokenizer.from_gguf_reader(reader)
+    if converted is not None:
+        _write_converted(converted, tensors, config, tokenizer.to_json())
+    if chat_template is not None:  # the cache keeps the file's own template
+        tokenizer = Tokenizer.from_json(tokenizer.to_json(), chat_template)
     return LoadedCheckpoint(config, tensors, tokenizer, path, "gguf", quantized)
 
 
@@ -152,27 +157,33 @@ def converted_path(gguf_path: Path, dtype: torch.dtype) -> Path:
             / f"{gguf_path.stem}-{stat.st_size}-{stat.st_mtime_ns}-{_dtype_name(dtype)}.safetensors")
 
 
-def _read_converted(file: Path, config: ModelConfig) -> dict[str, torch.Tensor] | None:
-    """The cached tensors, or None when absent, stale or unreadable (then we convert again)."""
+def _read_converted(file: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], str] | None:
+    """The cached config, tensors and tokenizer, or None when absent, of an older format or
+    unreadable (then we convert again). The file name carries the GGUF's size and mtime."""
     if not file.is_file():
         return None
     try:
         with safe_open(file, framework="pt") as f:
             metadata = f.metadata() or {}
-            if metadata.get("format") != CONVERTED_FORMAT or metadata.get("config") != _config_json(config):
+            if metadata.get("format") != CONVERTED_FORMAT or "tokenizer" not in metadata:
                 return None
-            return {name: f.get_tensor(name) for name in f.keys()}
-    except (SafetensorError, OSError):
+            fields = json.loads(metadata["config"])
+            fields["eos_token_ids"] = tuple(fields["eos_token_ids"])
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+            return ModelConfig(**fields), tensors, metadata["tokenizer"]
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError):
         return None
 
 
-def _write_converted(file: Path, tensors: dict[str, torch.Tensor], config: ModelConfig) -> None:
+def _write_converted(file: Path, tensors: dict[str, torch.Tensor], config: ModelConfig,
+                     tokenizer_json: str) -> None:
     """Atomically save the converted tensors and drop older conversions of the same file; a cache
     that cannot be written (read-only or full disk) only costs speed next time."""
     tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, tmp, metadata={"format": CONVERTED_FORMAT, "config": _config_json(config)})
+        save_file(tensors, tmp, metadata={"format": CONVERTED_FORMAT, "config": _config_json(config),
+                                          "tokenizer": tokenizer_json})
         os.replace(tmp, file)
     except OSError:
         tmp.unlink(missing_ok=True)

@@ -219,6 +219,19 @@ class Tokenizer:
 
     # -- construction --
 
+    def to_json(self) -> str:
+        """Everything needed to rebuild this tokenizer without its source files (a cache entry)."""
+        return json.dumps({"backend": self.backend.to_str(), "bos_token": self.bos_token,
+                           "eos_token": self.eos_token, "chat_template": self.chat_template,
+                           "stop_token_ids": sorted(self.stop_token_ids)})
+
+    @classmethod
+    def from_json(cls, text: str, chat_template: str | None = None) -> Tokenizer:
+        state = json.loads(text)
+        return cls(tokenizers.Tokenizer.from_str(state["backend"]), bos_token=state["bos_token"],
+                   eos_token=state["eos_token"], chat_template=chat_template or state["chat_template"],
+                   extra_stop_ids=state["stop_token_ids"])
+
     @classmethod
     def from_gguf(cls, path: Path | str, chat_template: str | None = None) -> Tokenizer:
         try:
