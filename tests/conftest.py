@@ -11,12 +11,12 @@ import gguf
 import pytest
 import torch
 
+from tiny_models import tiny_model
+
 from picochat.engine.engine import LoadedModel
 from picochat.errors import ModelLoadError
 from picochat.model import registry
-from picochat.model.config import ModelConfig
 from picochat.model.tokenizer import Tokenizer
-from picochat.model.transformer import Transformer
 
 # Pieces of a toy SentencePiece vocabulary; merges follow from the scores (earlier = higher).
 # Anything else (emoji, most CJK) falls back to the <0xNN> byte tokens.
@@ -153,20 +153,6 @@ def _gpt2_byte_chars() -> dict[int, str]:
 
 
 # ---------------------------------------------------------------- tiny engines with the real tokenizer
-
-def tiny_model(tokenizer: Tokenizer, std: float) -> LoadedModel:
-    """Random weights: std 0.5 gives varied output, std 0.2 output that falls into loops
-    (which n-gram drafts partly predict)."""
-    cfg = ModelConfig(architecture="llama", vocab_size=49152, hidden_size=64, intermediate_size=128,
-                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-                      max_position_embeddings=512, rope_theta=10000.0)
-    torch.manual_seed(0)
-    model = Transformer(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, std)
-    return LoadedModel("tiny", model.eval(), tokenizer)
-
 
 @pytest.fixture(scope="session")
 def tokenizer(default_gguf_path) -> Tokenizer:

@@ -132,11 +132,11 @@ def engine_commands(screen: "ChatScreen") -> list[PaletteCommand]:
     def spec_k() -> None:
         mode = info.spec if info.spec != "off" else "ngram"
         parse = _number(int, "k")
-        dialog = ValueDialog("spec: draft tokens per step (k)", "4",
+        dialog = ValueDialog("spec: k, drafts per step", "4",
                              lambda text: SpecConfig(mode=mode, k=parse(text)).validate())
         screen.app.push_screen(dialog, _when_given(lambda spec: screen.reconfigure(f"spec {mode} k={spec.k}",
                                                                                    spec=spec)))
-    add("spec", "draft tokens per step (k)…", "1–16; applies to the next step", spec_k)
+    add("spec", "k, drafts per step…", "1–16; applies to the next step", spec_k)
     add("spec", "highlight accepted drafts", "toggle (F4)", screen.action_toggle_drafts)
 
     for backend in ("auto", "triton", "sdpa", "reference"):

@@ -19,7 +19,9 @@ from request_bodies import bodies, paths, post_expecting_no_500
 from server_live import MODEL, live_server, open_request, wait_for
 
 from picochat.config import EngineConfig, SamplingParams
-from picochat.engine.engine import LoadedModel, LocalEngine
+from tiny_models import tiny_model
+
+from picochat.engine.engine import LocalEngine
 from picochat.remote import RemoteEngine
 from picochat.server.app import create_app
 
@@ -29,8 +31,9 @@ TOPICS = ["the sea", "a long road through the mountains", "cats", "why the sky i
 
 
 @pytest.fixture(scope="module")
-def local(tiny_loaded: LoadedModel) -> LocalEngine:
-    loaded = dataclasses.replace(tiny_loaded, name=MODEL)
+def local(tokenizer) -> LocalEngine:
+    # a long context, so a stream can run long enough to be hung up on mid-way
+    loaded = dataclasses.replace(tiny_model(tokenizer, 0.5, max_len=8192), name=MODEL)
     return LocalEngine(EngineConfig(model=MODEL), loaded=loaded)
 
 
@@ -105,7 +108,7 @@ def test_counters_move_by_the_requests_tokens(url: str, client: openai.OpenAI) -
 
 
 def test_hanging_up_mid_stream_frees_the_kv_blocks(url: str, local: LocalEngine) -> None:
-    sock = open_request(url, {"messages": ask(TOPICS[3]), "stream": True, "max_tokens": 400,
+    sock = open_request(url, {"messages": ask(TOPICS[3]), "stream": True, "max_tokens": 8000,
                               "temperature": 0.0, "ignore_eos": True})
     received = b""
     while b'"content":' not in received.split(b'"role"', 1)[-1]:

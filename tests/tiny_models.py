@@ -1,0 +1,25 @@
+"""Tiny random-weight Llama models with the real default tokenizer, for engine, bench and server
+tests that need the engine's real behaviour in seconds."""
+
+from __future__ import annotations
+
+import torch
+
+from picochat.engine.engine import LoadedModel
+from picochat.model.config import ModelConfig
+from picochat.model.tokenizer import Tokenizer
+from picochat.model.transformer import Transformer
+
+
+def tiny_model(tokenizer: Tokenizer, std: float, max_len: int = 512) -> LoadedModel:
+    """Random weights: std 0.5 gives varied output, std 0.2 output that falls into loops
+    (which n-gram drafts partly predict)."""
+    cfg = ModelConfig(architecture="llama", vocab_size=49152, hidden_size=64, intermediate_size=128,
+                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                      max_position_embeddings=max_len, rope_theta=10000.0)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, std)
+    return LoadedModel("tiny", model.eval(), tokenizer)
