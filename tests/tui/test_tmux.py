@@ -61,7 +61,7 @@ def test_console_in_a_real_terminal(tmp_path, default_gguf_path):
         term.keys("sampling: max tokens", literal=True)
         term.wait_for(r"sampling: max tokens…", "the max tokens command", timeout_s=30)
         term.keys("Enter")
-        term.wait_for(r"sampling: max tokens", "the value dialog", timeout_s=30)
+        term.wait_for(r"longest reply in tokens", "the value dialog", timeout_s=30)
         term.keys("6", literal=True)
         term.keys("Enter")
         term.wait_for(r"max 6", "max tokens 6 in the status bar", timeout_s=30)
