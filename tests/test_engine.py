@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from tiny_models import wait_idle
+
 from picochat.config import EngineConfig, SamplingParams, SchedulerConfig
 from picochat.engine.engine import LoadedModel, LocalEngine
 from picochat.errors import ConfigError, PromptTooLongError
@@ -25,14 +27,6 @@ def prompts() -> list[list[dict]]:
               "why the sky is blue, explained to a child who asks many questions", "bread", "trains"]
     return [[{"role": "user", "content": f"Tell me about {t}."}] for t in topics]
 
-
-def wait_idle(engine: LocalEngine) -> None:
-    for _ in range(200):
-        m = engine.metrics()
-        if m.num_requests_running == 0 and m.num_requests_waiting == 0:
-            return
-        time.sleep(0.01)
-    raise AssertionError("engine did not go idle")
 
 
 def test_stream_and_timings(tiny_loaded):

@@ -10,11 +10,12 @@ import copy
 import dataclasses
 import itertools
 import math
-import time
 from collections import Counter
 
 import pytest
 import torch
+
+from tiny_models import wait_idle
 
 from picochat.config import EngineConfig, SamplingParams, SchedulerConfig, SpecConfig
 from picochat.engine import engine as engine_module
@@ -81,14 +82,6 @@ def expected(looping) -> list[list[int]]:
     finally:
         engine.close()
 
-
-def wait_idle(engine: LocalEngine) -> None:
-    for _ in range(500):
-        m = engine.metrics()
-        if m.num_requests_running == 0 and m.num_requests_waiting == 0:
-            return
-        time.sleep(0.01)
-    raise AssertionError("engine did not go idle")
 
 
 def assert_pools_empty(engine: LocalEngine) -> None:

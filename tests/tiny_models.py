@@ -3,9 +3,11 @@ tests that need the engine's real behaviour in seconds."""
 
 from __future__ import annotations
 
+import time
+
 import torch
 
-from picochat.engine.engine import LoadedModel
+from picochat.engine.engine import LoadedModel, LocalEngine
 from picochat.model.config import ModelConfig
 from picochat.model.tokenizer import Tokenizer
 from picochat.model.transformer import Transformer
@@ -23,3 +25,14 @@ def tiny_model(tokenizer: Tokenizer, std: float, max_len: int = 512) -> LoadedMo
         for p in model.parameters():
             p.normal_(0, std)
     return LoadedModel("tiny", model.eval(), tokenizer)
+
+
+def wait_idle(engine: LocalEngine, timeout_s: float = 5.0) -> None:
+    """Wait until the engine has no running or waiting request."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        m = engine.metrics()
+        if m.num_requests_running == 0 and m.num_requests_waiting == 0:
+            return
+        time.sleep(0.01)
+    raise AssertionError("engine did not go idle")
