@@ -118,14 +118,20 @@ def aggregate_decode_rate(token_times: list[list[float]]) -> float | None:
 class Picochat:
     """picochat in process, through the Engine protocol only."""
 
-    def __init__(self, model: Path, config: str, threads: int, work: Workload):
+    def __init__(self, model: Path, config: str, threads: int, work: Workload, compile: bool):
         dtype, quant = PICOCHAT_CONFIGS[config]
         budget = max(512, len(work.prefill), sum(map(len, work.streams)))  # each phase in one step
         scheduler = SchedulerConfig(max_num_seqs=max(16, len(work.streams)), max_num_batched_tokens=budget,
                                     enable_prefix_caching=False)
         self.name = f"picochat {config}"
         self.engine = LocalEngine(EngineConfig(model=str(model), dtype=dtype, threads=threads,
-                                               quant=QuantConfig(quant), scheduler=scheduler))
+                                               quant=QuantConfig(quant), scheduler=scheduler, compile=compile))
+        started = time.perf_counter()
+        while self.engine.decode_step == "compiling":  # measure the step users get once it is built
+            time.sleep(0.5)
+        print(f"{self.name}: decode step {self.engine.decode_step}"
+              f" (waited {time.perf_counter() - started:.0f} s)", file=sys.stderr)
+        self.name += f" ({self.engine.decode_step})"
 
     def _params(self, max_tokens: int) -> SamplingParams:
         return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
@@ -314,7 +320,7 @@ def systems(args: argparse.Namespace, model: Path, work: Workload, notes: dict[s
     out = []
     if "picochat" in wanted:
         for config in args.picochat_configs.split(","):
-            out.append((f"picochat:{config}", None, lambda c=config: Picochat(model, c, args.threads, work)))
+            out.append((f"picochat:{config}", None, lambda c=config: Picochat(model, c, args.threads, work, not args.eager)))
     if "hf" in wanted:
         if find_spec("transformers") and find_spec("accelerate"):
             out.append((f"hf:{args.hf_dtype}", "hf", lambda: HFTransformers(model, args.hf_dtype, args.threads)))
@@ -421,6 +427,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prefill-tokens", type=int, default=512)
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--stream-prompt-tokens", type=int, default=64, help="the longest stream's prompt")
+    parser.add_argument("--eager", action="store_true",
+                        help="picochat without its compiled decode step (default: wait until it is built)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of every path")
     parser.add_argument("--json", action="store_true", help="last stdout line: one JSON object")
     args = parser.parse_args(argv)

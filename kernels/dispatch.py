@@ -66,6 +66,12 @@ def attention_fn(backend: str) -> AttentionFn:
     raise ValueError(f"unknown attention backend {backend!r}")
 
 
+def decode_attention_fn(backend: str) -> AttentionFn | None:
+    """attention over a decode-only step ``f(q, k_cache, v_cache, decode_meta, scale) -> out``, or
+    None where the backend serves decode rows through its general varlen kernel."""
+    return reference.decode_attention if backend == "sdpa" else None
+
+
 def resolve_kernel_backend(device: torch.device) -> str:
     """``triton`` or ``torch`` for the norm, RoPE and quantized matmul kernels on ``device``."""
     name = _kernel_override or "auto"

@@ -44,6 +44,25 @@ class AttentionMetadata:
         return max(self.seq_lens_cpu)
 
 
+@dataclass
+class DecodeMetadata:
+    """A step of decode rows only — one query per sequence at its last position — held in
+    tensors alone, so a forward over it has no host data and traces into one graph."""
+
+    slot_mapping: torch.Tensor  # [B] int64
+    block_tables: torch.Tensor  # [B, max_blocks] int64
+    visible: torch.Tensor  # [B, max_blocks * block_size, 1, 1] bool: the context slots each query sees
+
+    @classmethod
+    def build(cls, slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+              block_size: int, sliding_window: int | None = None) -> "DecodeMetadata":
+        kpos = torch.arange(block_tables.shape[1] * block_size, device=block_tables.device)[None, :]
+        visible = kpos < seq_lens[:, None]
+        if sliding_window is not None:
+            visible &= kpos >= seq_lens[:, None] - sliding_window
+        return cls(slot_mapping, block_tables, visible[:, :, None, None])
+
+
 # ------------------------------------------------------------------------------------ KV write
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -114,6 +133,24 @@ def paged_attention_sdpa(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
             out[start:start + q_len] = o.transpose(0, 1)
         start += q_len
     return out
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     meta: DecodeMetadata, scale: float) -> torch.Tensor:
+    """All decode rows at once: q [B, H, D] against each sequence's blocks, gathered whole and
+    masked by ``meta.visible``; the query heads of a KV group are the rows of one fp32 matmul.
+
+    Slots a query does not see may hold anything (the pool is allocated uninitialised, NaN
+    included), so they are replaced rather than added to: -inf scores, zero values."""
+    b, h, d = q.shape
+    hkv = k_cache.shape[2]
+    ks = k_cache[meta.block_tables].flatten(1, 2)  # [B, S, Hkv, D]
+    vs = torch.where(meta.visible, v_cache[meta.block_tables].flatten(1, 2), 0)
+    qg = q.view(b, hkv, h // hkv, d).float()
+    scores = torch.matmul(qg, ks.permute(0, 2, 3, 1).float()) * scale  # [B, Hkv, G, S]
+    scores = torch.where(meta.visible.view(b, 1, 1, -1), scores, -math.inf)
+    out = torch.matmul(scores.softmax(dim=-1), vs.transpose(1, 2).float())  # [B, Hkv, G, D]
+    return out.view(b, h, d).to(q.dtype)
 
 
 def _causal_mask(q_len: int, seq_len: int, sliding_window: int | None, device) -> torch.Tensor:

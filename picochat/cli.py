@@ -34,6 +34,8 @@ ENGINE_OPTIONS = {
     "quant_group": (int, typer.Option("--quant-group", help="int4 group size: 32 | 64 | 128."), 32),
     "attention": (str, typer.Option("--attention", help="auto | triton | sdpa | reference."), "auto"),
     "threads": (Optional[int], typer.Option("--threads", help="torch CPU threads (default: all cores)."), None),
+    "compile": (Optional[bool], typer.Option("--compile/--no-compile",
+                help="Compile the decode step in the background (default: on unless PICOCHAT_COMPILE=0)."), None),
     "max_model_len": (Optional[int], typer.Option("--max-model-len", help="Context length cap."), None),
     "max_num_seqs": (int, typer.Option("--max-num-seqs", help="Sequences per step."), 16),
     "max_num_batched_tokens": (int, typer.Option("--max-batched-tokens", help="Token budget per step."), 512),
@@ -83,6 +85,7 @@ def with_options(*groups: dict):
 
 
 def engine_config(opts: dict) -> EngineConfig:
+    compile_flag = {} if opts["compile"] is None else {"compile": opts["compile"]}
     return EngineConfig(
         model=opts["model"], dtype=opts["dtype"], threads=opts["threads"], attention=opts["attention"],
         max_model_len=opts["max_model_len"],
@@ -92,6 +95,7 @@ def engine_config(opts: dict) -> EngineConfig:
                                   enable_prefix_caching=not opts["no_prefix_cache"]),
         quant=QuantConfig(mode=opts["quant"], group_size=opts["quant_group"]),
         spec=SpecConfig(mode=opts["spec"], k=opts["spec_k"], draft_model=opts["draft_model"]),
+        **compile_flag,
     ).validate()
 
 

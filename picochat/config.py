@@ -114,7 +114,9 @@ class SchedulerConfig:
 class QuantConfig:
     mode: QuantMode = "none"
     group_size: int = 32  # int4 only: 32, 64 or 128
-    quantize_lm_head: bool = False
+    # the output projection in int8 in either mode: in int4 it raised the default model's
+    # perplexity 19.72 → 20.72, in int8 to 19.85; it is the largest single matmul of a decode step
+    quantize_lm_head: bool = True
 
     def validate(self) -> "QuantConfig":
         if self.mode not in ("none", "int8", "int4"):
@@ -154,6 +156,9 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     spec: SpecConfig = field(default_factory=SpecConfig)
+    # compile the decode-only step with torch.compile on a helper thread, serving eagerly until it
+    # is ready; PICOCHAT_COMPILE=0 in the environment turns the default off (the test suite does)
+    compile: bool = field(default_factory=lambda: os.environ.get("PICOCHAT_COMPILE", "1") != "0")
 
     def validate(self) -> "EngineConfig":
         if self.dtype not in ("float32", "bfloat16", "float16"):

@@ -52,7 +52,7 @@ class _Sequence:
 
     def __init__(self, model: Transformer, capacity: int):
         cfg = model.config
-        weight = model.embed_tokens.weight
+        weight = model.norm.weight  # the model's device and dtype (the embedding may be int8)
         self.model, self.device, self.length = model, weight.device, 0
         num_blocks = -(-capacity // BLOCK_SIZE)
         shape = (num_blocks, BLOCK_SIZE, cfg.num_kv_heads, cfg.head_dim)
@@ -89,7 +89,7 @@ def perplexity(model: Transformer, token_ids: Sequence[int], window: int = 512,
         raise ConfigError(f"stride must be in 1..{window} (the window), got {stride}")
     if len(token_ids) < 2:
         raise ConfigError(f"perplexity needs a text of at least 2 tokens, got {len(token_ids)}")
-    device = model.embed_tokens.weight.device
+    device = model.norm.weight.device
     nll, count, done = 0.0, 0, 0  # tokens before ``done`` are scored
     for begin in range(0, len(token_ids), stride):
         end = min(begin + window, len(token_ids))

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -11,7 +12,11 @@ import gguf
 import pytest
 import torch
 
-from tiny_models import tiny_model
+# engines (in-process and in subprocesses) serve eagerly: only the tests of the compiled step
+# compile, so the suite does not spend its two cores compiling in the background
+os.environ["PICOCHAT_COMPILE"] = "0"
+
+from tiny_models import tiny_model  # noqa: E402
 
 from picochat.engine.engine import LoadedModel
 from picochat.errors import ModelLoadError

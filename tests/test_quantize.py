@@ -300,10 +300,13 @@ def test_build_then_swap_quantizes_the_transformer_linears(mode: str, rel_tol: f
                                            progress=lambda d, f: calls.append((d, f)))
     assert sorted(replacements) == sorted(
         [f"layers.{i}.{n}" for i in range(2) for n in ("attn.qkv_proj", "attn.o_proj", "mlp.gate_up_proj",
-                                                       "mlp.down_proj")] + ["lm_head"])
+                                                       "mlp.down_proj")] + ["lm_head", "embed_tokens"])
     assert all(isinstance(m, nn.Linear) for m in (model.lm_head, model.layers[0].attn.qkv_proj))  # untouched
     fractions = [f for _, f in calls]
     assert len(calls) == 10 and fractions == sorted(fractions) and fractions[-1] == 1.0
+    # the tied embedding reads the int8 lm_head's rows
+    table = replacements["lm_head"].w_int8.float() * replacements["lm_head"].scales.float()[:, None]
+    assert torch.equal(replacements["embed_tokens"](ids[0]).float(), table[ids[0]])
 
     previous = swap_linears(model, replacements)
     assert model.layers[1].mlp.down_proj is replacements["layers.1.mlp.down_proj"]
@@ -320,9 +323,10 @@ def test_build_then_swap_quantizes_the_transformer_linears(mode: str, rel_tol: f
     assert weight_bytes(model) == float_bytes
 
 
-def test_lm_head_is_quantized_only_when_asked_and_none_builds_nothing() -> None:
+def test_lm_head_is_int8_in_every_mode_unless_left_float_and_none_builds_nothing() -> None:
     model = TinyModel()
-    assert "lm_head" not in build_quantized_linears(model, QuantConfig(mode="int8"))
+    assert isinstance(build_quantized_linears(model, QuantConfig(mode="int4"))["lm_head"], Int8Linear)
+    assert "lm_head" not in build_quantized_linears(model, QuantConfig(mode="int8", quantize_lm_head=False))
     assert build_quantized_linears(model, QuantConfig(mode="none")) == {}
 
 
@@ -330,7 +334,7 @@ def test_weight_bytes_of_a_swapped_model() -> None:
     model = TinyModel()
     float_bytes = weight_bytes(model)
     assert float_bytes == sum(p.numel() * 4 for p in model.parameters())  # tied weight counted once
-    replacements = build_quantized_linears(model, QuantConfig(mode="int8"))
+    replacements = build_quantized_linears(model, QuantConfig(mode="int8", quantize_lm_head=False))
     swap_linears(model, replacements)
     # each linear: fp32 weight (and bias) → int8 weight + bf16 scales (+ bf16 bias)
     linears = [(128, 64, True), (64, 64, False), (256, 64, False), (64, 128, False)]  # (N, K, bias) per layer

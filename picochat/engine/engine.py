@@ -97,6 +97,8 @@ class LocalEngine:
         self.runner = ModelRunner(self.model, self.kv, self.dtype, self.device)
         self.outputs = OutputProcessor(self.tokenizer)
         self.proposer = make_proposer(config.spec, self._proposer_target())
+        if self.config.compile:
+            self._start_compile()
 
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._requests: dict[str, Request] = {}
@@ -273,6 +275,28 @@ class LocalEngine:
             raise ConfigError(f"KV cache budget of {budget >> 20} MiB holds no block of {per_block} bytes")
         return int(blocks)
 
+    @property
+    def decode_step(self) -> str:
+        """How decode-only steps run: ``eager`` (compilation off or unavailable), ``compiling``,
+        ``compiled`` or ``eager (compilation failed)``."""
+        compiled = self.runner.compiled
+        if compiled is None:
+            return "eager"
+        if compiled.failed:
+            return "eager (compilation failed)"
+        return "compiled" if compiled.ready else "compiling"
+
+    def _start_compile(self) -> None:
+        """Build the compiled decode step on a helper thread; the eager one serves meanwhile."""
+        building = "compiling the decode step (serving eagerly meanwhile)"
+
+        def done(error: str | None) -> None:
+            if self._activity == building:
+                self._activity = error
+
+        if self.runner.compile_decode(done):
+            self._activity = building
+
     def _start_quant_switch(self, quant: QuantConfig) -> None:
         """Build the new linears on a helper thread while the old ones keep serving; the loop
         swaps them in between two steps."""
@@ -352,6 +376,8 @@ class LocalEngine:
             self.attention_backend = self._resolve_attention(changes["attention"])
             self.model.select_kernels(self.attention_backend, self.device)
             self.config = dataclasses.replace(self.config, attention=changes["attention"])
+            if self.config.compile:  # the compiled step was traced with the old kernels
+                self._start_compile()
         if "scheduler" in changes:
             self.scheduler.config = changes["scheduler"]
             self.config = dataclasses.replace(self.config, scheduler=changes["scheduler"])
@@ -373,6 +399,8 @@ class LocalEngine:
         swap_linears(self.model, linears)  # the old modules are dropped here and freed
         self.config = dataclasses.replace(self.config, quant=quant)
         self._activity = None
+        if self.config.compile:  # the compiled step holds the old modules: build it anew
+            self._start_compile()
 
     def _process(self, sched: SchedulerOutput, logits: torch.Tensor, rows: list[int], started: float) -> None:
         tokens = self._sample(sched, logits, rows)

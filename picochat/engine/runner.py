@@ -7,9 +7,12 @@ end of its request's tokens, and — for requests with draft tokens — every ve
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
-from picochat.kernels.reference import AttentionMetadata
+from picochat.engine.compiled_decode import MIN_TABLE_WIDTH, CompiledDecode
+from picochat.kernels.reference import AttentionMetadata, DecodeMetadata
 from picochat.model.transformer import KVCache, Transformer
 from picochat.engine.kv_cache import KVCacheManager
 from picochat.engine.scheduler import SchedulerOutput
@@ -21,18 +24,35 @@ class ModelRunner:
         self.kv = kv
         self.device = device
         cfg = model.config
-        shape = (kv.num_blocks, kv.block_size, cfg.num_kv_heads, cfg.head_dim)
+        # one block past the manager's: the scratch block a compiled step is built against
+        self.scratch_block = kv.num_blocks
+        shape = (kv.num_blocks + 1, kv.block_size, cfg.num_kv_heads, cfg.head_dim)
         # uninitialised: attention reads only slots written earlier (positions < seq_len)
         self.caches = [KVCache(torch.empty(shape, dtype=dtype, device=device),
                                torch.empty(shape, dtype=dtype, device=device)) for _ in range(cfg.num_layers)]
+        self.compiled: CompiledDecode | None = None  # serves decode-only steps once ready
+
+    def compile_decode(self, on_done: Callable[[str | None], None]) -> bool:
+        """Start building the compiled decode step (replacing any earlier one); False where
+        this attention backend has no decode-only step to compile."""
+        if self.model.kernels.decode_attention is None:
+            self.compiled = None
+            return False
+        self.compiled = CompiledDecode(self.model, self.caches, self.scratch_block, self.kv.block_size, on_done)
+        self.compiled.start()
+        return True
 
     @staticmethod
     def kv_bytes_per_block(model_cfg, block_size: int, dtype: torch.dtype) -> int:
         return model_cfg.kv_bytes_per_token(torch.tensor([], dtype=dtype).element_size()) * block_size
 
+    @torch.inference_mode()  # the step's inputs are inference tensors, as the compiled step expects
     def execute(self, sched: SchedulerOutput) -> tuple[torch.Tensor, list[int]]:
         """Run one step. Returns (logits [R, V] fp32, rows per chunk: how many logits rows each
         chunk owns — 0 for a prefill chunk that does not sample, 1 + drafts for one that does)."""
+        if self.model.kernels.decode_attention is not None and all(
+                c.num_new_tokens == 1 and c.samples and not c.request.spec_token_ids for c in sched.chunks):
+            return self._execute_decode(sched), [1] * len(sched.chunks)
         bs = self.kv.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -78,3 +98,31 @@ class ModelRunner:
             meta, self.caches,
             torch.tensor(logits_indices, dtype=torch.int64, device=self.device))
         return logits, rows_per_chunk
+
+    def _execute_decode(self, sched: SchedulerOutput) -> torch.Tensor:
+        """A step of decode rows only: the next token of each request, at its last position."""
+        bs = self.kv.block_size
+        input_ids, positions, slots, tables = [], [], [], []
+        for chunk in sched.chunks:
+            req = chunk.request
+            pos = req.num_computed_tokens
+            table = self.kv.block_table(req.request_id)
+            input_ids.append(req.token_ids[pos])
+            positions.append(pos)
+            slots.append(table[pos // bs] * bs + pos % bs)
+            tables.append(table)
+        width = max(MIN_TABLE_WIDTH, *(len(t) for t in tables))
+        dev = self.device
+        positions_t = torch.tensor(positions, dtype=torch.int64, device=dev)
+        meta = DecodeMetadata.build(
+            torch.tensor(slots, dtype=torch.int64, device=dev),
+            torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64, device=dev),
+            positions_t + 1, bs, self.model.config.sliding_window)
+        ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
+        compiled = self.compiled
+        if compiled is not None and compiled.ready:
+            try:
+                return compiled(ids, positions_t, meta, self.caches)
+            except Exception as e:  # a shape or state the graphs were not built for
+                compiled.disable(f"{type(e).__name__}: {e}")
+        return self.model(ids, positions_t, meta, self.caches)

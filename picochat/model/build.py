@@ -52,6 +52,8 @@ def prepare_linears(path: Path, dtype: torch.dtype, quant: QuantConfig, device: 
     names = [f"layers.{i}.{name}" for i in range(model.config.num_layers) for name in FUSED_LINEARS]
     if quant.quantize_lm_head or not model.config.tie_word_embeddings:
         names.append("lm_head")
+        if model.config.tie_word_embeddings:  # the embedding reads the (quantized) lm_head's table
+            names.append("embed_tokens")
     return {name: model.get_submodule(name) for name in names}
 
 

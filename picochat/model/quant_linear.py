@@ -152,3 +152,17 @@ class Int4Linear(QuantLinear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, group={self.group}"
+
+
+class Int8Embedding(nn.Module):
+    """The token embedding of a tied model read from its int8 lm_head, so the table is held once:
+    row ``i`` is ``w_int8[i] * scales[i]``, in ``dtype``."""
+
+    def __init__(self, lm_head: Int8Linear, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.lm_head = lm_head
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.lm_head.w_int8[ids].to(self.dtype)
+        return rows * self.lm_head.scales[ids].to(self.dtype).unsqueeze(-1)

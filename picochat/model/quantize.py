@@ -19,7 +19,7 @@ from torch import nn
 from picochat.config import QuantConfig
 from picochat.model.quant_formats import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
 from picochat.model.quant_gguf import int4_from_gguf, int8_from_gguf_q8_0, linear_from_gguf
-from picochat.model.quant_linear import Backend, Int4Linear, Int8Linear, QuantLinear
+from picochat.model.quant_linear import Backend, Int4Linear, Int8Embedding, Int8Linear, QuantLinear
 from picochat.progress import ProgressFn
 
 __all__ = [
@@ -31,7 +31,8 @@ __all__ = [
 # the transformer's linears inside each layer (``layers[i].attn.*``, ``layers[i].mlp.*``)
 LAYER_LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 LM_HEAD = "lm_head"
-
+LM_HEAD_QUANT = QuantConfig(mode="int8")  # the lm_head's format in every mode (see QuantConfig)
+EMBEDDING = "embed_tokens"  # tied to the lm_head: read from its int8 weights once that is quantized
 
 
 def quantizable_linears(model: nn.Module, include_lm_head: bool) -> list[tuple[str, nn.Linear]]:
@@ -68,9 +69,12 @@ def build_quantized_linears(model: nn.Module, cfg: QuantConfig, progress: Progre
     for i, (name, linear) in enumerate(targets):
         if progress is not None:
             progress(f"quantizing {name} to {cfg.mode}", i / len(targets))
-        replacements[name] = quantize_linear(linear, cfg, backend)
+        replacements[name] = quantize_linear(linear, LM_HEAD_QUANT if name == LM_HEAD else cfg, backend)
     if progress is not None:
         progress(f"quantized {len(targets)} linears to {cfg.mode}", 1.0)
+    head = replacements.get(LM_HEAD)
+    if head is not None and model.get_submodule(EMBEDDING).weight is model.get_submodule(LM_HEAD).weight:
+        replacements[EMBEDDING] = Int8Embedding(head, model.get_submodule(EMBEDDING).weight.dtype)
     return replacements
 
 

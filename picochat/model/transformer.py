@@ -17,7 +17,7 @@ from torch import nn
 
 from picochat.errors import ModelLoadError
 from picochat.kernels import dispatch, reference
-from picochat.kernels.reference import AttentionMetadata
+from picochat.kernels.reference import AttentionMetadata, DecodeMetadata
 from picochat.model.config import ModelConfig
 
 
@@ -26,12 +26,14 @@ class Kernels:
     """The kernel implementations a forward uses, chosen by ``kernels.dispatch`` per device."""
 
     attention: Callable[..., torch.Tensor]
+    decode_attention: Callable[..., torch.Tensor] | None  # for DecodeMetadata steps, where supported
     rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     rope: Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
     @classmethod
     def select(cls, attention_backend: str, device: torch.device) -> "Kernels":
-        return cls(dispatch.attention_fn(attention_backend), dispatch.rms_norm_fn(device), dispatch.rope_fn(device))
+        return cls(dispatch.attention_fn(attention_backend), dispatch.decode_attention_fn(attention_backend),
+                   dispatch.rms_norm_fn(device), dispatch.rope_fn(device))
 
 
 @dataclass
@@ -63,7 +65,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
-                meta: AttentionMetadata, cache: KVCache, kernels: Kernels) -> torch.Tensor:
+                meta: AttentionMetadata | DecodeMetadata, cache: KVCache, kernels: Kernels) -> torch.Tensor:
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)  # (T, H, D)
@@ -71,7 +73,10 @@ class Attention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         q, k = kernels.rope(q, k, positions, cos_sin)
         reference.write_kv(k, v, cache.k, cache.v, meta.slot_mapping)
-        out = kernels.attention(q, cache.k, cache.v, meta, self.scale, self.sliding_window)  # (T, H, D)
+        if isinstance(meta, DecodeMetadata):  # the window is already in meta's bias
+            out = kernels.decode_attention(q, cache.k, cache.v, meta, self.scale)
+        else:
+            out = kernels.attention(q, cache.k, cache.v, meta, self.scale, self.sliding_window)  # (T, H, D)
         return self.o_proj(out.reshape(t, self.q_size))
 
 
@@ -121,9 +126,12 @@ class Transformer(nn.Module):
         self.kernels = Kernels.select("sdpa", torch.device("cpu"))
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata | DecodeMetadata,
                 caches: list[KVCache], logits_indices: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids, positions: [T]; returns fp32 logits [len(logits_indices) or T, V]."""
+        """input_ids, positions: [T]; returns fp32 logits [len(logits_indices) or T, V].
+
+        A ``DecodeMetadata`` step (one token per sequence, only where ``kernels.decode_attention``
+        exists) runs without host data, so it can be compiled as one graph."""
         x = self.embed_tokens(input_ids)  # (T, hidden)
         residual = None
         for layer, cache in zip(self.layers, caches):

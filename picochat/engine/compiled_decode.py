@@ -1,0 +1,109 @@
+"""The decode-only step compiled by ``torch.compile`` (inductor), built off the engine thread.
+
+The eager step serves while a helper thread compiles the model's forward over ``DecodeMetadata``
+for batch 1 and for any larger batch (the batch and the context width are dynamic dimensions),
+writing only into a scratch KV block the scheduler never hands out. Inductor's artifacts go to
+the user cache dir, so a later start loads them instead of compiling again. Once built, the
+engine thread calls the compiled step with guards evaluated only where they tell the two
+graphs apart, and with recompilation forbidden: anything the graphs were not built for raises,
+and that step (and every later one) runs eagerly. A failed build leaves the eager step serving.
+The compiled step holds the model's modules: build a new one after swapping any of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import traceback
+from typing import Callable
+
+import torch
+
+from picochat.config import cache_dir
+from picochat.kernels.reference import DecodeMetadata
+from picochat.model.transformer import KVCache, Transformer
+
+log = logging.getLogger("picochat.engine")
+
+MIN_TABLE_WIDTH = 2  # block tables are padded to this, so their width is never the constant 1
+
+
+def inductor_cache_dir() -> str:
+    return str(cache_dir() / "inductor")
+
+
+class CompiledDecode:
+    """``step(input_ids, positions, meta, caches) -> logits`` once :attr:`ready`."""
+
+    def __init__(self, model: Transformer, caches: list[KVCache], scratch_block: int, block_size: int,
+                 on_done: Callable[[str | None], None]):
+        self.model = model
+        self.caches = caches
+        self.scratch_block = scratch_block
+        self.block_size = block_size
+        self.on_done = on_done  # called from the helper thread with None or a one-line error
+        self.ready = False
+        self.failed = False
+        self.build_seconds: float | None = None
+        self.steps_served = 0
+        self._fn: Callable | None = None
+
+    def start(self) -> None:
+        threading.Thread(target=self._build, name="picochat-compile", daemon=True).start()
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: DecodeMetadata,
+                 caches: list[KVCache]) -> torch.Tensor:
+        with (torch.inference_mode(),
+              torch.compiler.set_stance("fail_on_recompile", skip_guard_eval_unsafe=True)):
+            logits = self._fn(input_ids, positions, meta, caches)
+        self.steps_served += 1
+        return logits
+
+    def disable(self, reason: str) -> None:
+        """Stop using the compiled step for good (it met a step it was not built for)."""
+        log.warning("compiled decode step disabled: %s", reason)
+        self.ready, self.failed = False, True
+
+    # ------------------------------------------------------------------------------- build
+    def _build(self) -> None:
+        started = time.perf_counter()
+        try:
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", inductor_cache_dir())
+            import torch._inductor.config as inductor_config
+
+            # round bf16 / fp16 intermediates where eager does, so greedy tokens match the eager step
+            inductor_config.emulate_precision_casts = True
+            model = self.model
+
+            def step(input_ids, positions, meta, caches):  # the forward without its inference_mode
+                return Transformer.forward.__wrapped__(model, input_ids, positions, meta, caches)
+
+            self._fn = torch.compile(step, fullgraph=True)
+            with torch.inference_mode():  # as the runner makes its inputs and calls it
+                for batch in (1, 2):  # batch 1 is its own graph (a size-1 dimension is a constant)
+                    self._fn(*self._example(batch))
+        except Exception as e:  # no compiler, an unsupported op…: the eager step keeps serving
+            log.warning("decode step compilation failed, serving eagerly:\n%s", traceback.format_exc())
+            self.failed = True
+            self.on_done(f"compilation failed ({type(e).__name__}): serving eagerly")
+            return
+        self.build_seconds = time.perf_counter() - started
+        self.ready = True
+        self.on_done(None)
+
+    def _example(self, batch: int) -> tuple:
+        """A decode step of ``batch`` rows that writes and reads only the scratch block."""
+        bs, block, dev = self.block_size, self.scratch_block, self.caches[0].k.device
+        ids = torch.zeros(batch, dtype=torch.int64, device=dev)
+        positions = torch.arange(batch, dtype=torch.int64, device=dev)
+        tables = torch.full((batch, MIN_TABLE_WIDTH), block, dtype=torch.int64, device=dev)
+        meta = DecodeMetadata.build(block * bs + positions % bs, tables, positions + 1, bs,
+                                    self.model.config.sliding_window)
+        dims = [(tables, 1), (meta.visible, 1)]
+        if batch > 1:
+            dims += [(ids, 0), (positions, 0), (meta.slot_mapping, 0), (tables, 0), (meta.visible, 0)]
+        for tensor, dim in dims:
+            torch._dynamo.mark_dynamic(tensor, dim)
+        return ids, positions, meta, self.caches
