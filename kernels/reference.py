@@ -122,15 +122,16 @@ def paged_attention_sdpa(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
             o = torch.bmm(scores.softmax(dim=-1), vs.float())  # [Hkv, G, D]
             out[start] = o.view(h, d)
         else:
-            qh = qs.transpose(0, 1)  # [H, Lq, D]
-            kh = ks.repeat_interleave(group, dim=0).to(q.dtype)
-            vh = vs.repeat_interleave(group, dim=0).to(q.dtype)
+            # 4-D inputs: torch's CPU flash kernel takes those (3-D ones fall back to plain math,
+            # ~9x slower for a 512-token prefill), and it does GQA without copying K/V per head
+            qh = qs.transpose(0, 1)[None]  # [1, H, Lq, D]
+            kh, vh = ks[None].to(q.dtype), vs[None].to(q.dtype)  # [1, Hkv, L, D]
             if q_len == seq_len and sliding_window is None:
-                o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
+                o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
             else:
                 mask = _causal_mask(q_len, seq_len, sliding_window, q.device)
-                o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
-            out[start:start + q_len] = o.transpose(0, 1)
+                o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
+            out[start:start + q_len] = o[0].transpose(0, 1)
         start += q_len
     return out
 
