@@ -12,7 +12,7 @@ from torch import nn
 
 from picochat.config import QuantConfig
 from picochat.errors import ConfigError, ModelLoadError
-from picochat.model import quant_gguf
+from picochat.model import quant_gguf, quant_linear
 from picochat.model.gguf_loader import GGUFQuantTensor, open_gguf
 from picochat.model.quantize import (
     Int4Linear, Int8Linear, build_quantized_linears, dequantize_int4, dequantize_int8, int4_from_gguf,
@@ -112,6 +112,21 @@ def test_int4_linear_packed_matches_reference(group: int, dtype: torch.dtype) ->
     x = torch.randn(5, 256).to(dtype)
     torch.testing.assert_close(reference(x), (x.float() @ dequantize_int4(q, scales_and_zeros).t()).to(dtype))
     assert_matches_bf16_reference(packed(x), x, dequantize_int4(q, scales_and_zeros.to(BF16)), None)
+
+
+@pytest.mark.parametrize("group", [32, 128])
+def test_int4_prefill_rows_use_the_dequantized_weight_and_match_the_kernel(group: int) -> None:
+    assert quant_linear.int4pack_layout_known()
+    q, scales_and_zeros = quantize_int4(torch.randn(128, 256) * 0.05, group)
+    packed = Int4Linear(q, scales_and_zeros)
+    assert torch.equal(quant_linear.unpack_int4pack(packed.qweight, 128, 256), q.to(torch.uint8))
+    torch.testing.assert_close(packed.dequantized().float(),
+                               dequantize_int4(q, scales_and_zeros.to(BF16)).to(BF16).float())
+    rows = quant_linear.INT4_DEQUANT_MIN_ROWS
+    x = torch.randn(rows, 256).to(BF16)
+    kernel = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed.qweight, group, packed.scales_and_zeros)
+    torch.testing.assert_close(packed(x), kernel, atol=2e-2, rtol=2e-2)  # bf16 rounding of the weight
+    assert_matches_bf16_reference(packed(x), x, packed.dequantized(), None)
 
 
 def test_shapes_the_packed_kernels_cannot_take_fall_back_to_reference() -> None:

@@ -43,6 +43,7 @@ log = logging.getLogger("picochat.engine")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 THROUGHPUT_WINDOW_S = 2.0
 RECENT_REQUESTS = 64
+IDLE_BEFORE_COMPILE_S = 1.0  # the compiled step is built after this long without work
 
 
 @dataclass
@@ -97,8 +98,9 @@ class LocalEngine:
         self.runner = ModelRunner(self.model, self.kv, self.dtype, self.device)
         self.outputs = OutputProcessor(self.tokenizer)
         self.proposer = make_proposer(config.spec, self._proposer_target())
-        if self.config.compile:
-            self._start_compile()
+        # built once the loop has been idle a moment, so it never slows the requests of a start
+        # that comes with work (the first token of ``picochat generate``)
+        self._compile_pending = self.config.compile
 
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._requests: dict[str, Request] = {}
@@ -280,6 +282,8 @@ class LocalEngine:
         """How decode-only steps run: ``eager`` (compilation off or unavailable), ``compiling``,
         ``compiled`` or ``eager (compilation failed)``."""
         compiled = self.runner.compiled
+        if self._compile_pending:
+            return "compiling"
         if compiled is None:
             return "eager"
         if compiled.failed:
@@ -318,8 +322,14 @@ class LocalEngine:
 
     # --------------------------------------------------------------------------------- loop
     def _loop(self) -> None:
+        last_step = now()
         while True:
-            if not self._drain_inbox(block=not self.scheduler.has_work):
+            idle = not self.scheduler.has_work
+            if self._compile_pending and idle and now() - last_step >= IDLE_BEFORE_COMPILE_S:
+                self._compile_pending = False
+                self._start_compile()
+            wait = IDLE_BEFORE_COMPILE_S if idle and self._compile_pending else None
+            if not self._drain_inbox(block=idle, timeout=wait):
                 break
             if not self.scheduler.has_work:
                 continue
@@ -330,7 +340,7 @@ class LocalEngine:
             if not sched.chunks:
                 self._drain_inbox(block=True, timeout=0.005)
                 continue
-            started = now()
+            started = last_step = now()
             try:
                 logits, rows = self.runner.execute(sched)
                 self._process(sched, logits, rows, started)
@@ -376,8 +386,8 @@ class LocalEngine:
             self.attention_backend = self._resolve_attention(changes["attention"])
             self.model.select_kernels(self.attention_backend, self.device)
             self.config = dataclasses.replace(self.config, attention=changes["attention"])
-            if self.config.compile:  # the compiled step was traced with the old kernels
-                self._start_compile()
+            self.runner.compiled = None  # it was traced with the old kernels
+            self._compile_pending = self.config.compile
         if "scheduler" in changes:
             self.scheduler.config = changes["scheduler"]
             self.config = dataclasses.replace(self.config, scheduler=changes["scheduler"])
@@ -399,8 +409,8 @@ class LocalEngine:
         swap_linears(self.model, linears)  # the old modules are dropped here and freed
         self.config = dataclasses.replace(self.config, quant=quant)
         self._activity = None
-        if self.config.compile:  # the compiled step holds the old modules: build it anew
-            self._start_compile()
+        self.runner.compiled = None  # it holds the old modules: serve eagerly, build it anew
+        self._compile_pending = self.config.compile
 
     def _process(self, sched: SchedulerOutput, logits: torch.Tensor, rows: list[int], started: float) -> None:
         tokens = self._sample(sched, logits, rows)

@@ -21,9 +21,11 @@ and ``reference`` elsewhere.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from picochat.kernels import dispatch, quant_reference
@@ -32,6 +34,26 @@ from picochat.model.quant_formats import check_int4_group
 Backend = Literal["auto", "packed", "reference", "triton"]
 BACKENDS: tuple[Backend, ...] = ("auto", "packed", "reference", "triton")
 _INT4_INNER_K_TILES = 2  # an argument of torch's CPU int4 pack; no effect on CPU
+# From this many rows (a prefill chunk) the int4 kernel, which dequantizes per row tile, loses to
+# dequantizing the weight once and a bf16 matmul: for the default model's 512-token prefill the
+# int4 kernel took 1.19 s of linears, a bf16 matmul 0.27 s plus ~0.3 s of dequantization.
+INT4_DEQUANT_MIN_ROWS = 192
+_PACK_ROWS = 64  # torch's CPU int4 pack: per 64 rows, byte j of column k holds rows j and j + 32
+
+
+def unpack_int4pack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """``uint8 [N, K]`` values 0..15 from torch's CPU int4pack layout (N a multiple of 64)."""
+    blocks = packed.view(n // _PACK_ROWS, k, _PACK_ROWS // 2)
+    halves = torch.stack([blocks & 15, blocks >> 4], dim=1)  # [N / 64, 2, K, 32]
+    return halves.transpose(2, 3).reshape(n, k)
+
+
+@functools.cache
+def int4pack_layout_known() -> bool:
+    """Whether this torch build packs int4 as :func:`unpack_int4pack` reads it (checked once)."""
+    q = torch.randint(0, 16, (2 * _PACK_ROWS, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, _INT4_INNER_K_TILES)
+    return tuple(packed.shape) == (2 * _PACK_ROWS, 32) and torch.equal(unpack_int4pack(packed, *q.shape).int(), q)
 
 
 def _resolve_backend(requested: Backend, device: torch.device, packed_fits: bool) -> Backend:
@@ -145,7 +167,17 @@ class Int4Linear(QuantLinear):
         self.register_buffer("scales_and_zeros", scales_and_zeros.to(self.param_dtype).contiguous())
 
     def _packed_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.shape[0] >= INT4_DEQUANT_MIN_ROWS and self.out_features % _PACK_ROWS == 0
+                and int4pack_layout_known()):
+            return F.linear(x, self.dequantized())
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight, self.group, self.scales_and_zeros)
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight ``[N, K]`` in bf16, ``(q - 8) * scale + zero`` computed in fp32 as the kernel does."""
+        n, k = self.out_features, self.in_features
+        q = unpack_int4pack(self.qweight, n, k).view(n, k // self.group, self.group)
+        scales, zeros = self.scales_and_zeros.float().permute(2, 1, 0)[..., None]  # [N, K / group, 1] each
+        return torch.addcmul(zeros, q.float() - 8, scales).to(torch.bfloat16).reshape(n, k)
 
     def _weight_args(self) -> tuple:
         return self.qweight, self.scales_and_zeros, self.group
