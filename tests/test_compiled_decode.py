@@ -59,3 +59,22 @@ def test_compiled_step_matches_eager_and_serves(tiny_int4):
     assert compiled.steps_served >= 2 * (GREEDY.max_tokens - 1)  # batch 1 and the batch of six
     assert alone == eager_alone
     assert batch == eager_batch
+
+
+def test_failed_compilation_keeps_serving_eagerly(tiny_loaded, monkeypatch):
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    engine = LocalEngine(EngineConfig(model="tiny", compile=True), loaded=tiny_loaded)
+    try:
+        deadline = time.monotonic() + 30
+        while engine.decode_step == "compiling":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert engine.decode_step == "eager (compilation failed)"
+        assert "compilation failed" in engine.metrics().activity
+        done = engine.submit(PROMPTS[0], GREEDY).result()
+        assert done.error is None and len(done.token_ids) == GREEDY.max_tokens
+    finally:
+        engine.close()

@@ -38,12 +38,12 @@ class CompiledDecode:
     """``step(input_ids, positions, meta, caches) -> logits`` once :attr:`ready`."""
 
     def __init__(self, model: Transformer, caches: list[KVCache], scratch_block: int, block_size: int,
-                 on_done: Callable[[str | None], None]):
+                 on_done: Callable[["CompiledDecode", str | None], None]):
         self.model = model
         self.caches = caches
         self.scratch_block = scratch_block
         self.block_size = block_size
-        self.on_done = on_done  # called from the helper thread with None or a one-line error
+        self.on_done = on_done  # called from the helper thread with self and None or a one-line error
         self.ready = False
         self.failed = False
         self.build_seconds: float | None = None
@@ -87,11 +87,11 @@ class CompiledDecode:
         except Exception as e:  # no compiler, an unsupported op…: the eager step keeps serving
             log.warning("decode step compilation failed, serving eagerly:\n%s", traceback.format_exc())
             self.failed = True
-            self.on_done(f"compilation failed ({type(e).__name__}): serving eagerly")
+            self.on_done(self, f"compilation failed ({type(e).__name__}): serving eagerly")
             return
         self.build_seconds = time.perf_counter() - started
         self.ready = True
-        self.on_done(None)
+        self.on_done(self, None)
 
     def _example(self, batch: int) -> tuple:
         """A decode step of ``batch`` rows that writes and reads only the scratch block."""

@@ -294,8 +294,8 @@ class LocalEngine:
         """Build the compiled decode step on a helper thread; the eager one serves meanwhile."""
         building = "compiling the decode step (serving eagerly meanwhile)"
 
-        def done(error: str | None) -> None:
-            if self._activity == building:
+        def done(compiled, error: str | None) -> None:
+            if self._activity == building and self.runner.compiled is compiled:  # not a replaced build
                 self._activity = error
 
         if self.runner.compile_decode(done):

@@ -32,7 +32,7 @@ class ModelRunner:
                                torch.empty(shape, dtype=dtype, device=device)) for _ in range(cfg.num_layers)]
         self.compiled: CompiledDecode | None = None  # serves decode-only steps once ready
 
-    def compile_decode(self, on_done: Callable[[str | None], None]) -> bool:
+    def compile_decode(self, on_done: Callable[[CompiledDecode, str | None], None]) -> bool:
         """Start building the compiled decode step (replacing any earlier one); False where
         this attention backend has no decode-only step to compile."""
         if self.model.kernels.decode_attention is None:
