@@ -34,23 +34,33 @@ def triton_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
 
 
+def _check(kind: str, name: str, choices: tuple[str, ...]) -> None:
+    if name not in choices:
+        raise ValueError(f"{kind} backend must be one of {', '.join(choices)}, got {name!r}")
+
+
+def _resolve(kind: str, name: str, choices: tuple[str, ...], cpu_default: str, device: torch.device) -> str:
+    """``auto`` → triton on a CUDA device with triton, else ``cpu_default``; ValueError for an
+    unknown name or triton where it cannot run."""
+    _check(kind, name, choices)
+    on_gpu = device.type == "cuda" and triton_available()
+    if name == "auto":
+        return "triton" if on_gpu else cpu_default
+    if name == "triton" and not on_gpu:
+        raise ValueError(f"{kind} backend 'triton' needs a CUDA GPU with triton installed")
+    return name
+
+
 def resolve_attention_backend(name: str, device: torch.device) -> str:
     """The backend ``name`` means on ``device``; raises ValueError for an impossible choice."""
-    name = _attention_override or name
-    if name not in BACKENDS:
-        raise ValueError(f"attention backend must be one of {', '.join(BACKENDS)}, got {name!r}")
-    if name == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "sdpa"
-    if name == "triton" and not (device.type == "cuda" and triton_available()):
-        raise ValueError("attention backend 'triton' needs a CUDA GPU with triton installed")
-    return name
+    return _resolve("attention", _attention_override or name, BACKENDS, "sdpa", device)
 
 
 def set_attention_backend(name: str | None) -> None:
     """Force a backend everywhere (tests); None removes the override."""
     global _attention_override
-    if name is not None and name not in BACKENDS:
-        raise ValueError(f"attention backend must be one of {', '.join(BACKENDS)}, got {name!r}")
+    if name is not None:
+        _check("attention", name, BACKENDS)
     _attention_override = name
 
 
@@ -74,19 +84,14 @@ def decode_attention_fn(backend: str) -> AttentionFn | None:
 
 def resolve_kernel_backend(device: torch.device) -> str:
     """``triton`` or ``torch`` for the norm, RoPE and quantized matmul kernels on ``device``."""
-    name = _kernel_override or "auto"
-    if name == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
-    if name == "triton" and not (device.type == "cuda" and triton_available()):
-        raise ValueError("kernel backend 'triton' needs a CUDA GPU with triton installed")
-    return name
+    return _resolve("kernel", _kernel_override or "auto", KERNEL_BACKENDS, "torch", device)
 
 
 def set_kernel_backend(name: str | None) -> None:
     """Force the norm / RoPE / quantized matmul backend everywhere (tests); None removes it."""
     global _kernel_override
-    if name is not None and name not in KERNEL_BACKENDS:
-        raise ValueError(f"kernel backend must be one of {', '.join(KERNEL_BACKENDS)}, got {name!r}")
+    if name is not None:
+        _check("kernel", name, KERNEL_BACKENDS)
     _kernel_override = name
 
 
