@@ -3,7 +3,8 @@
 The eager step serves while a helper thread compiles the model's forward over ``DecodeMetadata``
 for batch 1 and for any larger batch (the batch and the context width are dynamic dimensions),
 writing only into a scratch KV block the scheduler never hands out. Inductor's artifacts go to
-the user cache dir, so a later start loads them instead of compiling again. Once built, the
+the user cache dir for later starts to reuse (on the 2-core test host the cache hit only in part:
+builds took ~3-5 min cold and still 1-4 min warm; a tiny model ~1 min). Once built, the
 engine thread calls the compiled step with guards evaluated only where they tell the two
 graphs apart, and with recompilation forbidden: anything the graphs were not built for raises,
 and that step (and every later one) runs eagerly. A failed build leaves the eager step serving.
