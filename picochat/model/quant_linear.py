@@ -1,4 +1,5 @@
-"""``Int8Linear`` and ``Int4Linear``: drop-in ``nn.Linear`` replacements over the quant formats.
+"""``Int8Linear`` and ``Int4Linear``: drop-in ``nn.Linear`` replacements over the quant formats;
+``Int8Embedding``: a tied model's embedding read from its int8 lm_head.
 
 Each module is built on its target device and picks a backend once, which fixes how it stores the
 weight (so a module is not moved between devices afterwards — build a new one). ``auto`` asks
