@@ -35,7 +35,8 @@ ENGINE_OPTIONS = {
     "attention": (str, typer.Option("--attention", help="auto | triton | sdpa | reference."), "auto"),
     "threads": (Optional[int], typer.Option("--threads", help="torch CPU threads (default: all cores)."), None),
     "compile": (Optional[bool], typer.Option("--compile/--no-compile",
-                help="Compile the decode step in the background (default: on unless PICOCHAT_COMPILE=0)."), None),
+                help="Compile the decode step in the background (default: on for serve, bench and generate "
+                     "unless PICOCHAT_COMPILE=0; off in the console)."), None),
     "max_model_len": (Optional[int], typer.Option("--max-model-len", help="Context length cap."), None),
     "max_num_seqs": (int, typer.Option("--max-num-seqs", help="Sequences per step."), 16),
     "max_num_batched_tokens": (int, typer.Option("--max-batched-tokens", help="Token budget per step."), 512),
@@ -152,7 +153,9 @@ def _run_console(opts: dict, resume: bool, plain: bool, system: str | None = Non
         def factory(progress=None):
             return RemoteEngine(opts["url"], api_key=opts.get("api_key"))
     else:
-        config = engine_config(opts)
+        # the console serves eagerly unless asked: compiling beside it on a 2-core box delayed the
+        # first reply by 15-20 s for the minutes the build takes
+        config = engine_config({**opts, "compile": bool(opts["compile"])})
 
         def factory(progress=None):
             from picochat.engine.engine import LocalEngine
