@@ -290,6 +290,12 @@ class LocalEngine:
             return "eager (compilation failed)"
         return "compiled" if compiled.ready else "compiling"
 
+    def _rebuild_compiled(self) -> None:
+        """The compiled step holds the modules and kernels it traced: after a change to either,
+        serve eagerly and build it anew once the loop is idle."""
+        self.runner.compiled = None
+        self._compile_pending = self.config.compile
+
     def _start_compile(self) -> None:
         """Build the compiled decode step on a helper thread; the eager one serves meanwhile."""
         building = "compiling the decode step (serving eagerly meanwhile)"
@@ -386,8 +392,7 @@ class LocalEngine:
             self.attention_backend = self._resolve_attention(changes["attention"])
             self.model.select_kernels(self.attention_backend, self.device)
             self.config = dataclasses.replace(self.config, attention=changes["attention"])
-            self.runner.compiled = None  # it was traced with the old kernels
-            self._compile_pending = self.config.compile
+            self._rebuild_compiled()
         if "scheduler" in changes:
             self.scheduler.config = changes["scheduler"]
             self.config = dataclasses.replace(self.config, scheduler=changes["scheduler"])
@@ -409,8 +414,7 @@ class LocalEngine:
         swap_linears(self.model, linears)  # the old modules are dropped here and freed
         self.config = dataclasses.replace(self.config, quant=quant)
         self._activity = None
-        self.runner.compiled = None  # it holds the old modules: serve eagerly, build it anew
-        self._compile_pending = self.config.compile
+        self._rebuild_compiled()
 
     def _process(self, sched: SchedulerOutput, logits: torch.Tensor, rows: list[int], started: float) -> None:
         tokens = self._sample(sched, logits, rows)

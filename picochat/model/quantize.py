@@ -73,8 +73,10 @@ def build_quantized_linears(model: nn.Module, cfg: QuantConfig, progress: Progre
     if progress is not None:
         progress(f"quantized {len(targets)} linears to {cfg.mode}", 1.0)
     head = replacements.get(LM_HEAD)
-    if head is not None and model.get_submodule(EMBEDDING).weight is model.get_submodule(LM_HEAD).weight:
-        replacements[EMBEDDING] = Int8Embedding(head, model.get_submodule(EMBEDDING).weight.dtype)
+    if head is not None:
+        embedding = model.get_submodule(EMBEDDING)
+        if embedding.weight is model.get_submodule(LM_HEAD).weight:  # tied
+            replacements[EMBEDDING] = Int8Embedding(head, embedding.weight.dtype)
     return replacements
 
 
