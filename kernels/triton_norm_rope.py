@@ -123,6 +123,8 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
         q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), cos_sin.stride(0),
         HALF=half, BLOCK_HALF=triton.next_power_of_2(half), BLOCK_H=triton.next_power_of_2(h),
         BLOCK_HKV=triton.next_power_of_2(k.shape[1]), num_warps=4,
+        # no fused multiply-add: torch rounds each product before the sum, and so must we
+        enable_fp_fusion=False,
     )
     return q_out, k_out
 

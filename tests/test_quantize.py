@@ -159,9 +159,10 @@ def test_triton_backend_matches_reference_on_cuda(mode: str) -> None:
     else:
         fast, ref = (Int4Linear(*quantize_int4(w, 64), bias=bias, backend=b) for b in ("auto", "reference"))
     assert fast.backend == "triton"
-    for rows in (1, 37):  # the GEMV and the GEMM kernel
+    # the GEMV sums exact integers in fp32; more rows multiply weights dequantized to bf16
+    for rows, atol in ((1, 1e-3), (37, 1e-2)):
         x = torch.randn(rows, 256, device="cuda", dtype=BF16)
-        torch.testing.assert_close(fast(x), ref(x), rtol=2**-7, atol=1e-3)
+        torch.testing.assert_close(fast(x), ref(x), rtol=2**-7, atol=atol)
 
 
 # ---- GGUF blocks ------------------------------------------------------------------------------

@@ -28,8 +28,9 @@ def make_step(seqs: list[tuple[int, int]], heads: int, kv_heads: int, head_dim: 
         used += n
     wide = cache_heads or kv_heads
     shape = (num_blocks, block_size, wide, head_dim)
-    k_cache = torch.randn(shape, generator=gen).to(dtype)[:, :, :kv_heads]
-    v_cache = torch.randn(shape, generator=gen).to(dtype)[:, :, :kv_heads]
+    # sliced on the device: moving a strided view would copy it into a contiguous tensor
+    k_cache = torch.randn(shape, generator=gen).to(DEVICE, dtype)[:, :, :kv_heads]
+    v_cache = torch.randn(shape, generator=gen).to(DEVICE, dtype)[:, :, :kv_heads]
     q_lens = [ql for ql, _ in seqs]
     q = torch.randn(sum(q_lens), heads, head_dim, generator=gen).to(dtype)
     starts = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
@@ -38,7 +39,7 @@ def make_step(seqs: list[tuple[int, int]], heads: int, kv_heads: int, head_dim: 
         query_start_loc=starts.to(DEVICE), seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
         block_tables=tables.to(DEVICE), slot_mapping=torch.zeros(sum(q_lens), dtype=torch.int64, device=DEVICE),
         query_lens_cpu=q_lens, seq_lens_cpu=seq_lens, block_size=block_size)
-    return q.to(DEVICE), k_cache.to(DEVICE), v_cache.to(DEVICE), meta
+    return q.to(DEVICE), k_cache, v_cache, meta
 
 
 def fp32_reference(q, k_cache, v_cache, meta, scale, sliding_window=None) -> torch.Tensor:

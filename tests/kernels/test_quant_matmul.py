@@ -1,5 +1,5 @@
 """Weight-only int8 / int4 matmuls: the torch twins against torch's own CPU packed kernels (the
-format contract), and the Triton GEMV / GEMM kernels against the twins."""
+format contract), and the CUDA paths (Triton GEMV, Triton dequantization + matmul) against the twins."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def test_pack_int4_round_trips_and_checks_k():
 
 # ------------------------------------------------------------------------ Triton against twins
 
-ROWS = [1, 3, 17, 70]  # GEMV for decode batches, GEMM for prefill
+ROWS = [1, 3, 17, 70]  # GEMV for decode batches, dequantize + matmul for prefill
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
