@@ -47,20 +47,30 @@ class AttentionMetadata:
 @dataclass
 class DecodeMetadata:
     """A step of decode rows only — one query per sequence at its last position — held in
-    tensors alone, so a forward over it has no host data and traces into one graph."""
+    tensors alone, so a forward over it has no host data and traces into one graph.
 
-    slot_mapping: torch.Tensor  # [B] int64
-    block_tables: torch.Tensor  # [B, max_blocks] int64
-    visible: torch.Tensor  # [B, max_blocks * block_size, 1, 1] bool: the context slots each query sees
+    Each query reads ``context_slots``: its sequence's slots in order, where every position it
+    must not see (past its length, outside a sliding window, block-table padding) points at
+    ``null_slot`` instead, a slot the caller keeps at zero. So attention gathers only finite
+    values from a pool that is otherwise allocated uninitialised, and masks by adding ``bias``."""
+
+    slot_mapping: torch.Tensor  # [B] int64: where this step's K/V go
+    context_slots: torch.Tensor  # [B, S] int64, S = block-table width * block size
+    bias: torch.Tensor  # [B, 1, 1, S] float32: 0 where visible, -inf elsewhere
 
     @classmethod
     def build(cls, slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-              block_size: int, sliding_window: int | None = None) -> "DecodeMetadata":
-        kpos = torch.arange(block_tables.shape[1] * block_size, device=block_tables.device)[None, :]
+              block_size: int, null_slot: int, sliding_window: int | None = None) -> DecodeMetadata:
+        b, width = block_tables.shape
+        offsets = torch.arange(block_size, device=block_tables.device)
+        slots = (block_tables[:, :, None] * block_size + offsets).view(b, width * block_size)
+        kpos = torch.arange(width * block_size, device=block_tables.device)[None, :]
         visible = kpos < seq_lens[:, None]
         if sliding_window is not None:
             visible &= kpos >= seq_lens[:, None] - sliding_window
-        return cls(slot_mapping, block_tables, visible[:, :, None, None])
+        bias = torch.zeros(visible.shape, dtype=torch.float32, device=visible.device)
+        bias.masked_fill_(~visible, -math.inf)
+        return cls(slot_mapping, torch.where(visible, slots, null_slot), bias.view(b, 1, 1, -1))
 
 
 # ------------------------------------------------------------------------------------ KV write
@@ -138,19 +148,20 @@ def paged_attention_sdpa(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      meta: DecodeMetadata, scale: float) -> torch.Tensor:
-    """All decode rows at once: q [B, H, D] against each sequence's blocks, gathered whole and
-    masked by ``meta.visible``; the query heads of a KV group are the rows of one fp32 matmul.
-
-    Slots a query does not see may hold anything (the pool is allocated uninitialised, NaN
-    included), so they are replaced rather than added to: -inf scores, zero values."""
+    """All decode rows at once: q [B, H, D] against the slots of ``meta.context_slots``, gathered
+    as whole rows; the query heads of a KV group are the rows of one fp32 matmul."""
     b, h, d = q.shape
-    hkv = k_cache.shape[2]
-    ks = k_cache[meta.block_tables].flatten(1, 2)  # [B, S, Hkv, D]
-    vs = torch.where(meta.visible, v_cache[meta.block_tables].flatten(1, 2), 0)
+    num_blocks, block_size, hkv, _ = k_cache.shape
+    s = meta.context_slots.shape[1]
+    slots = meta.context_slots.view(-1)
+
+    def gather(cache: torch.Tensor) -> torch.Tensor:  # [B, Hkv, S, D] fp32
+        rows = cache.view(num_blocks * block_size, hkv * d).index_select(0, slots)
+        return rows.float().view(b, s, hkv, d).transpose(1, 2)
+
     qg = q.view(b, hkv, h // hkv, d).float()
-    scores = torch.matmul(qg, ks.permute(0, 2, 3, 1).float()) * scale  # [B, Hkv, G, S]
-    scores = torch.where(meta.visible.view(b, 1, 1, -1), scores, -math.inf)
-    out = torch.matmul(scores.softmax(dim=-1), vs.transpose(1, 2).float())  # [B, Hkv, G, D]
+    scores = torch.matmul(qg, gather(k_cache).transpose(-1, -2)).mul_(scale).add_(meta.bias)
+    out = torch.matmul(scores.softmax(dim=-1), gather(v_cache))  # [B, Hkv, G, D]
     return out.view(b, h, d).to(q.dtype)
 
 

@@ -38,11 +38,12 @@ def inductor_cache_dir() -> str:
 class CompiledDecode:
     """``step(input_ids, positions, meta, caches) -> logits`` once :attr:`ready`."""
 
-    def __init__(self, model: Transformer, caches: list[KVCache], scratch_block: int, block_size: int,
-                 on_done: Callable[["CompiledDecode", str | None], None]):
+    def __init__(self, model: Transformer, caches: list[KVCache], scratch_block: int, null_slot: int,
+                 block_size: int, on_done: Callable[["CompiledDecode", str | None], None]):
         self.model = model
         self.caches = caches
         self.scratch_block = scratch_block
+        self.null_slot = null_slot
         self.block_size = block_size
         self.on_done = on_done  # called from the helper thread with self and None or a one-line error
         self.ready = False
@@ -101,10 +102,10 @@ class CompiledDecode:
         positions = torch.arange(batch, dtype=torch.int64, device=dev)
         tables = torch.full((batch, MIN_TABLE_WIDTH), block, dtype=torch.int64, device=dev)
         meta = DecodeMetadata.build(block * bs + positions % bs, tables, positions + 1, bs,
-                                    self.model.config.sliding_window)
-        dims = [(tables, 1), (meta.visible, 1)]
+                                    self.null_slot, self.model.config.sliding_window)
+        dims = [(meta.context_slots, 1), (meta.bias, 3)]
         if batch > 1:
-            dims += [(ids, 0), (positions, 0), (meta.slot_mapping, 0), (tables, 0), (meta.visible, 0)]
+            dims += [(ids, 0), (positions, 0), (meta.slot_mapping, 0), (meta.context_slots, 0), (meta.bias, 0)]
         for tensor, dim in dims:
             torch._dynamo.mark_dynamic(tensor, dim)
         return ids, positions, meta, self.caches

@@ -24,12 +24,17 @@ class ModelRunner:
         self.kv = kv
         self.device = device
         cfg = model.config
-        # one block past the manager's: the scratch block a compiled step is built against
+        # two blocks past the manager's: the scratch block a compiled step is built against, and
+        # the null block whose first slot stays zero (decode steps read it for unseen positions)
         self.scratch_block = kv.num_blocks
-        shape = (kv.num_blocks + 1, kv.block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.null_slot = (kv.num_blocks + 1) * kv.block_size
+        shape = (kv.num_blocks + 2, kv.block_size, cfg.num_kv_heads, cfg.head_dim)
         # uninitialised: attention reads only slots written earlier (positions < seq_len)
         self.caches = [KVCache(torch.empty(shape, dtype=dtype, device=device),
                                torch.empty(shape, dtype=dtype, device=device)) for _ in range(cfg.num_layers)]
+        for cache in self.caches:
+            cache.k[-1].zero_()
+            cache.v[-1].zero_()
         self.compiled: CompiledDecode | None = None  # serves decode-only steps once ready
 
     def compile_decode(self, on_done: Callable[[CompiledDecode, str | None], None]) -> bool:
@@ -38,7 +43,8 @@ class ModelRunner:
         if self.model.kernels.decode_attention is None:
             self.compiled = None
             return False
-        self.compiled = CompiledDecode(self.model, self.caches, self.scratch_block, self.kv.block_size, on_done)
+        self.compiled = CompiledDecode(self.model, self.caches, self.scratch_block, self.null_slot,
+                                       self.kv.block_size, on_done)
         self.compiled.start()
         return True
 
@@ -117,7 +123,7 @@ class ModelRunner:
         meta = DecodeMetadata.build(
             torch.tensor(slots, dtype=torch.int64, device=dev),
             torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64, device=dev),
-            positions_t + 1, bs, self.model.config.sliding_window)
+            positions_t + 1, bs, self.null_slot, self.model.config.sliding_window)
         ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
         compiled = self.compiled
         if compiled is not None and compiled.ready:

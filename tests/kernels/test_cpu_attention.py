@@ -28,8 +28,11 @@ def test_decode_step_matches_reference(dtype, sliding_window):
     q, k_cache, v_cache, meta = make_step(seqs, 6, 2, 16, 4, dtype, seed=3)
     k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
     poison_unwritten(k_cache, v_cache, meta)
+    # a zero block at the end of the pool holds the null slot, as the runner's does
+    k_cache, v_cache = (torch.cat([c, torch.zeros_like(c[:1])]) for c in (k_cache, v_cache))
+    null_slot = (k_cache.shape[0] - 1) * meta.block_size
     decode_meta = DecodeMetadata.build(meta.slot_mapping, meta.block_tables.long(), meta.seq_lens.long(),
-                                       meta.block_size, sliding_window)
+                                       meta.block_size, null_slot, sliding_window)
     got = decode_attention(q, k_cache, v_cache, decode_meta, 0.25)
     expected = fp32_reference(q, k_cache, v_cache, meta, 0.25, sliding_window).to(dtype)
     assert not got.isnan().any()
