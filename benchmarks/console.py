@@ -1,8 +1,8 @@
 """What the console costs the engine, and how quickly it answers a key (issue 3), in a real
 terminal: tmux runs the installed ``picochat`` console; ``picochat bench`` runs headless beside it.
 
-- decode tokens/s: one chat request of ``--tokens`` tokens (a prompt that runs past the limit,
-  max tokens set through the command palette) streamed into the console, its figure read from the
+- decode tokens/s: one greedy chat request of ``--tokens`` tokens (a prompt that runs past the
+  limit; temperature and max tokens set through the command palette) streamed into the console, its figure read from the
   saved transcript (the engine's own timings, as the reply's stats line shows them); then the
   same lengths headless, ``picochat bench -c 1 --num-prompts 1 --input-len P --output-len N``.
   The two alternate over ``--rounds`` pairs (the console sits idle, panels polling, while the
@@ -114,16 +114,31 @@ def engine_flags(args: argparse.Namespace) -> list[str]:
     return ["--model", args.model, "--dtype", args.dtype, "--quant", args.quant]
 
 
-def set_max_tokens(term: Terminal, tokens: int) -> None:
-    term.keys("C-p")
-    term.wait_for(r"🔎|Search", "the command palette", timeout_s=30)
-    term.keys("sampling: max tokens", literal=True)
-    term.wait_for(r"sampling: max tokens…", "the max tokens command", timeout_s=30)
-    term.keys("Enter")
-    term.wait_for(r"longest reply in tokens", "the value dialog", timeout_s=30)
-    term.keys(str(tokens), literal=True)
-    term.keys("Enter")
-    term.wait_for(rf"max {tokens}\b", f"max {tokens} in the status bar", timeout_s=30)
+def set_sampling(term: Terminal, command: str, hint: str, value: str, shown: str, attempts: int = 3) -> None:
+    """Run ``sampling: <command>`` from the command palette, as a user would, and wait for
+    ``shown`` in the status bar. The palette filters as it is typed, so Enter can land on the
+    entry highlighted a moment earlier: a wrong dialog is closed and the command typed again."""
+    for _ in range(attempts):
+        term.keys("C-p")
+        term.wait_for(r"🔎|Search", "the command palette", timeout_s=30)
+        term.keys(f"sampling: {command}", literal=True)
+        term.wait_for(re.escape(f"sampling: {command}…"), f"the {command} command", timeout_s=30)
+        time.sleep(0.5)
+        term.keys("Enter")
+        try:
+            term.wait_for(re.escape(hint), f"the {command} dialog", timeout_s=10)
+        except SystemExit:
+            term.keys("Escape")
+            time.sleep(0.5)
+            continue
+        time.sleep(0.3)  # the dialog's input takes focus
+        term.keys("C-u")
+        term.keys(value, literal=True)
+        term.wait_for(rf"▊\s+{re.escape(value)}\s", f"{value} in the dialog", timeout_s=10)
+        term.keys("Enter")
+        term.wait_for(re.escape(shown), f"{shown} in the status bar", timeout_s=30)
+        return
+    raise SystemExit(f"could not set {command} through the palette")
 
 
 def main() -> None:
@@ -146,7 +161,9 @@ def main() -> None:
     console_tok_s, headless_tok_s, latencies = [], [], []
     try:
         term.wait_for(r"context \d+ / [\d,]+", "the chat screen", timeout_s=600)
-        set_max_tokens(term, args.tokens)
+        # greedy, as the headless run decodes: the comparison is of the console, not of sampling
+        set_sampling(term, "temperature", "0 = greedy", "0", "greedy · max")
+        set_sampling(term, "max tokens", "longest reply in tokens", str(args.tokens), f"max {args.tokens}")
         console_request(term, transcripts, None)  # warm-up, not counted
         for r in range(args.rounds):
             stats = console_request(term, transcripts, latencies if r == 0 else None)
