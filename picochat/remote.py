@@ -180,14 +180,15 @@ class RemoteEngine:
     def info(self) -> EngineInfo:
         return self._info
 
-    def submit(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None) -> Stream:
+    def submit(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None,
+               arrival: float | None = None) -> Stream:
         if self._closed:
             raise EngineClosedError("the remote engine is closed")
         params.validate()
         request_id = request_id or f"remote-{next(self._ids)}"
         stream = Stream(request_id, self.cancel)
         path, body = request_body(self._info.model, prompt, params, self._token_ids)
-        timings = RequestTimings(request_id, arrival=now())
+        timings = RequestTimings(request_id, arrival=now() if arrival is None else arrival)
         self._loop.call_soon_threadsafe(self._start, stream, timings, path, body)
         return stream
 

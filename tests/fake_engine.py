@@ -46,7 +46,8 @@ class FakeEngine:
             return len(prompt)
         return sum(len(m["content"].split()) + 4 for m in prompt)  # type: ignore[index]
 
-    def submit(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None) -> Stream:
+    def submit(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None,
+               arrival: float | None = None) -> Stream:
         params.validate()
         n = self.count_prompt_tokens(prompt)
         if n + 1 > self.max_model_len:

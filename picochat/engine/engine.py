@@ -130,7 +130,8 @@ class LocalEngine:
     def count_prompt_tokens(self, prompt: Prompt) -> int:
         return len(self._prompt_ids(prompt))
 
-    def submit(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None) -> Stream:
+    def submit(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None,
+               arrival: float | None = None) -> Stream:
         if self._closed:
             raise EngineClosedError("the engine is shut down")
         params.validate()
@@ -156,7 +157,8 @@ class LocalEngine:
                                                     else frozenset(self.tokenizer.stop_token_ids))
         req = Request(request_id=request_id, token_ids=list(ids), num_prompt_tokens=len(ids),
                       params=params, max_total_tokens=max_total, stream=stream,
-                      timings=RequestTimings(request_id, arrival=now(), prompt_tokens=len(ids)),
+                      timings=RequestTimings(request_id, arrival=now() if arrival is None else arrival,
+                                             prompt_tokens=len(ids)),
                       stop_token_ids=stops, generator=sampling.make_generator(params.seed))
         self._inbox.put(("add", req))
         return stream

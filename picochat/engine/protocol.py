@@ -277,8 +277,11 @@ class Engine(Protocol):
     @property
     def info(self) -> EngineInfo: ...
 
-    def submit(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None) -> Stream:
-        """Queue a request; raises PicochatError (one line) for a prompt that can never run."""
+    def submit(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None,
+               arrival: float | None = None) -> Stream:
+        """Queue a request; raises PicochatError (one line) for a prompt that can never run.
+        ``arrival`` (``now()`` seconds, default: this call) is when the request came in: a server
+        passes the moment its HTTP request arrived, so TTFT includes its parsing and tokenization."""
 
     def cancel(self, request_id: str) -> None:
         """Stop a request; its stream ends with finish_reason 'cancelled'. Unknown ids are ignored."""

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from picochat.engine.protocol import Delta, Engine, Prompt, Stream
+from picochat.engine.protocol import Delta, Engine, Prompt, Stream, now
 from picochat.errors import ConfigError, EngineClosedError, ModelLoadError, PicochatError, QueueFullError
 from picochat.server.prom import ServerMetrics
 from picochat.server.responses import DONE, ResponseShape, error_event
@@ -234,7 +234,8 @@ def create_app(engine_factory: Callable[[], Engine], *, model_name: str, api_key
         count = await run_in_threadpool(engine.count_prompt_tokens, body.to_prompt())
         return {"count": count, "max_model_len": engine.info.max_model_len}
 
-    async def generate(request: Request, parsed: SamplingRequest, prompt: Prompt, chat: bool) -> Response:
+    async def generate(request: Request, parsed: SamplingRequest, prompt: Prompt, chat: bool,
+                       arrival: float) -> Response:
         engine = slot.ready()
         if parsed.model is not None and parsed.model != model_name:
             raise ApiError(f"the model `{parsed.model}` does not exist; this server serves `{model_name}`",
@@ -244,7 +245,7 @@ def create_app(engine_factory: Callable[[], Engine], *, model_name: str, api_key
             raise ApiError("the prompt is empty", param="prompt")
         default_max = None if chat else COMPLETIONS_DEFAULT_MAX_TOKENS
         params = parsed.sampling_params(prompt_tokens, engine.info.max_model_len, default_max)
-        stream = await run_in_threadpool(engine.submit, prompt, params)
+        stream = await run_in_threadpool(engine.submit, prompt, params, None, arrival)
         shape = ResponseShape.new(chat, model_name, parsed.return_token_ids)
         deltas = _deltas(request, stream, metrics)
         if parsed.stream:
@@ -254,13 +255,15 @@ def create_app(engine_factory: Callable[[], Engine], *, model_name: str, api_key
 
     @api.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
+        arrival = now()  # TTFT and queue time count the parsing, templating and tokenizing below
         parsed = parse_body(await request.body(), ChatCompletionRequest)
-        return await generate(request, parsed, parsed.prompt(), chat=True)
+        return await generate(request, parsed, parsed.prompt(), chat=True, arrival=arrival)
 
     @api.post("/v1/completions")
     async def completions(request: Request) -> Response:
+        arrival = now()
         parsed = parse_body(await request.body(), CompletionRequest)
-        return await generate(request, parsed, parsed.to_prompt(), chat=False)
+        return await generate(request, parsed, parsed.to_prompt(), chat=False, arrival=arrival)
 
     app.include_router(api)
     return app

@@ -222,7 +222,7 @@ def test_api_key_guards_the_api_but_not_health_or_metrics(engine: FakeEngine) ->
 
 
 class FullEngine(FakeEngine):
-    def submit(self, prompt, params, request_id=None):
+    def submit(self, prompt, params, request_id=None, arrival=None):
         raise QueueFullError("1024 requests are queued; try again later")
 
 
