@@ -24,6 +24,7 @@ class FakeEngine:
         self.token_delay_s = token_delay_s
         self.max_model_len = max_model_len
         self.submitted: list[tuple[Prompt, SamplingParams]] = []
+        self.arrivals: list[float | None] = []  # the ``arrival`` each submit was given
         self.reconfigured: list[dict] = []
         self._ids = itertools.count()
         self._cancelled: set[str] = set()
@@ -54,6 +55,7 @@ class FakeEngine:
             raise PromptTooLongError(f"prompt is {n} tokens; the context holds {self.max_model_len}")
         request_id = request_id or f"fake-{next(self._ids)}"
         self.submitted.append((prompt, params))
+        self.arrivals.append(arrival)
         stream = Stream(request_id, self.cancel)
         threading.Thread(target=self._generate, args=(stream, n, params), daemon=True).start()
         return stream

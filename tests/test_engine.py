@@ -13,6 +13,7 @@ from tiny_models import wait_idle
 
 from picochat.config import EngineConfig, SamplingParams, SchedulerConfig
 from picochat.engine.engine import LoadedModel, LocalEngine
+from picochat.engine.protocol import now
 from picochat.errors import ConfigError, PromptTooLongError
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
@@ -39,6 +40,16 @@ def test_stream_and_timings(tiny_loaded):
         assert t.ttft_s > 0 and t.queue_s >= 0 and len(t.itl) == 23 and t.decode_tok_s > 0
         m = engine.metrics()
         assert m.generation_tokens_total == 24 and m.requests_finished_total == 1
+    finally:
+        engine.close()
+
+
+def test_arrival_given_by_the_caller_starts_the_clock(tiny_loaded):
+    engine = make_engine(tiny_loaded)
+    try:
+        arrival = now() - 0.5  # as if the request had spent half a second in a server first
+        out = engine.submit(prompts()[0], GREEDY, arrival=arrival).result()
+        assert out.timings.arrival == arrival and out.timings.ttft_s >= 0.5 and out.timings.queue_s >= 0.5
     finally:
         engine.close()
 

@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from server_live import MODEL, live_server, open_request, wait_for
 
 from picochat.config import SamplingParams
+from picochat.engine.protocol import now
 from picochat.errors import ModelLoadError, QueueFullError
 from picochat.server.app import create_app, serve
 
@@ -86,6 +87,13 @@ def test_max_tokens_cuts_the_reply_with_finish_reason_length(url: str, stream: b
     assert text == " ".join(REPLY_WORDS[:3])
     assert finish == "length"
     assert usage.completion_tokens == 3
+
+
+def test_the_clock_starts_when_the_http_request_arrives(url: str, engine: FakeEngine) -> None:
+    before = now()
+    client(url).chat.completions.create(model=MODEL, messages=chat("hi"), max_tokens=2)
+    arrival = engine.arrivals[-1]
+    assert arrival is not None and before <= arrival <= now()
 
 
 def test_sampling_parameters_reach_the_engine(url: str, engine: FakeEngine) -> None:
