@@ -27,8 +27,8 @@ from picochat.progress import ProgressFn
 EngineFactory = Callable[[ProgressFn], Engine]
 METRICS_INTERVAL_S = 0.5  # panels sample twice a second (as nvitop does); each sample repaints them
 # A local engine's thread gives up the GIL at every torch op and must win it back from this UI
-# thread; while the UI renders, each win waited for Python's switch interval (5 ms by default),
-# which slowed decoding by a quarter. At 0.5 ms the engine gets it back promptly.
+# thread; while the UI renders, each win can wait out Python's switch interval (5 ms by default).
+# At 0.5 ms the engine gets it back sooner.
 GIL_SWITCH_INTERVAL_S = 0.0005
 
 
