@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import statistics
-import time
 
 from picochat.config import EngineConfig, SamplingParams, SchedulerConfig
 from picochat.engine.engine import LocalEngine
