@@ -8,8 +8,8 @@ nibbles a byte (``quant_reference.pack_int4``): the low nibble pairs with the ev
 the high one with the odd column.
 
 More rows (prefill) are compute-bound: there the weights are dequantized into x's dtype and
-multiplied by torch's matmul (cuBLAS on tensor cores), which on an H100 ran ~30x faster than a
-Triton GEMM that dequantized per tile (``benchmarks/kernels.py``).
+multiplied by torch's matmul (cuBLAS on tensor cores): on an H100 at 2048 rows x 4096 x 4096 that
+ran 26x (int4) and 3x (int8) faster than a Triton GEMM dequantizing per tile (``benchmarks/kernels.py``).
 """
 
 from __future__ import annotations
