@@ -8,7 +8,7 @@ One process loads the engine (compiled step on unless ``--eager``; it waits for 
 alternates, ``--rounds`` times:
 
 - engine: ``--batch`` greedy requests of ``--tokens`` tokens through ``submit`` (aggregate decode
-  tokens/s: output tokens after each request's first / first-first-token to last token);
+  tokens/s as ``compare.py`` defines it);
 - floor: the model's packed int8 / int4 linears alone (lm_head included), called on zero inputs of
   ``--batch`` rows on the engine's thread count, as many times as the engine ran steps — the
   time a step would take if nothing but its weight-only matmuls ran.
@@ -28,17 +28,17 @@ import time
 
 import torch
 
+from compare import aggregate_decode_rate, token_times  # benchmarks/ is sys.path[0] when run
 from picochat.config import EngineConfig, QuantConfig, SamplingParams, SchedulerConfig
 from picochat.engine.engine import LocalEngine
 from picochat.model.quant_linear import QuantLinear
+from picochat.model.registry import DEFAULT_MODEL
 
 
 def engine_rate(engine: LocalEngine, batch: int, tokens: int) -> float:
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
     streams = [engine.submit(list(range(100 + i, 160 + i)), params) for i in range(batch)]
-    done = [s.result().timings for s in streams]
-    start, end = max(t.first_token for t in done), max(t.finished for t in done)
-    return sum(t.output_tokens - 1 for t in done) / (end - start)
+    return aggregate_decode_rate([token_times(s.result().timings) for s in streams])
 
 
 def floor_rate(linears: list[QuantLinear], batch: int, steps: int) -> float:
@@ -53,7 +53,7 @@ def floor_rate(linears: list[QuantLinear], batch: int, steps: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--quant", default="int4", choices=("int8", "int4"))
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--tokens", type=int, default=48)
