@@ -9,8 +9,9 @@ alternates, ``--rounds`` times:
 
 - engine: ``--batch`` greedy requests of ``--tokens`` tokens through ``submit`` (aggregate decode
   tokens/s as ``compare.py`` defines it);
-- floor: the model's packed int8 / int4 linears alone (lm_head included), called on zero inputs of
-  ``--batch`` rows on the engine's thread count, as many times as the engine ran steps — the
+- floor: the model's quantized linears alone on their CPU kernels (torch's packed ones or
+  picochat's vnni; lm_head included), called on zero inputs of ``--batch`` rows on the engine's
+  thread count, as many times as the engine ran steps — the
   time a step would take if nothing but its weight-only matmuls ran.
 
 Medians, maxima and the ratio engine / floor are printed. On a host whose speed drifts, the ratio
@@ -70,8 +71,8 @@ def main() -> None:
         while engine.decode_step == "compiling":
             time.sleep(0.5)
         linears = [m for m in engine.runner.model.modules() if isinstance(m, QuantLinear)]
-        if not linears or any(m.backend != "packed" for m in linears):
-            sys.exit("decode_floor: needs torch's packed CPU kernels (a CPU box, --quant int8|int4)")
+        if not linears or any(m.backend not in ("packed", "vnni") for m in linears):
+            sys.exit("decode_floor: needs the CPU quantized kernels (a CPU box, --quant int8|int4)")
         torch.set_num_threads(args.threads)
         engine_rates, floor_rates = [], []
         for _ in range(args.rounds):

@@ -12,6 +12,7 @@ from torch import nn
 
 from picochat.config import QuantConfig
 from picochat.errors import ConfigError, ModelLoadError
+from picochat.kernels import cpu_vnni
 from picochat.model import quant_gguf, quant_linear
 from picochat.model.gguf_loader import GGUFQuantTensor, open_gguf
 from picochat.model.quantize import (
@@ -91,7 +92,7 @@ def test_int4_group_that_does_not_divide_the_width_is_a_config_error() -> None:
 def test_int8_linear_packed_matches_reference(dtype: torch.dtype) -> None:
     w, bias = torch.randn(96, 128) * 0.05, torch.randn(96) * 0.1
     w_int8, scales = quantize_int8(w)
-    packed = Int8Linear(w_int8, scales, bias=bias)
+    packed = Int8Linear(w_int8, scales, bias=bias, backend="packed")
     reference = Int8Linear(w_int8, scales, bias=bias, backend="reference")
     assert (packed.backend, reference.backend) == ("packed", "reference")
     x = torch.randn(2, 3, 128).to(dtype)
@@ -106,7 +107,7 @@ def test_int8_linear_packed_matches_reference(dtype: torch.dtype) -> None:
 def test_int4_linear_packed_matches_reference(group: int, dtype: torch.dtype) -> None:
     w = torch.randn(48, 256) * 0.05
     q, scales_and_zeros = quantize_int4(w, group)
-    packed = Int4Linear(q, scales_and_zeros)
+    packed = Int4Linear(q, scales_and_zeros, backend="packed")
     reference = Int4Linear(q, scales_and_zeros, backend="reference")
     assert (packed.backend, packed.group, reference.backend) == ("packed", group, "reference")
     x = torch.randn(5, 256).to(dtype)
@@ -118,7 +119,7 @@ def test_int4_linear_packed_matches_reference(group: int, dtype: torch.dtype) ->
 def test_int4_prefill_rows_use_the_dequantized_weight_and_match_the_kernel(group: int) -> None:
     assert quant_linear.int4pack_layout_known()
     q, scales_and_zeros = quantize_int4(torch.randn(128, 256) * 0.05, group)
-    packed = Int4Linear(q, scales_and_zeros)
+    packed = Int4Linear(q, scales_and_zeros, backend="packed")
     assert torch.equal(quant_linear.unpack_int4pack(packed.qweight, 128, 256), q.to(torch.uint8))
     torch.testing.assert_close(packed.dequantized().float(),
                                dequantize_int4(q, scales_and_zeros.to(BF16)).to(BF16).float())
@@ -142,11 +143,24 @@ def test_shapes_the_packed_kernels_cannot_take_fall_back_to_reference() -> None:
 
 def test_weight_bytes_counts_weight_scales_and_bias() -> None:
     q, scales_and_zeros = quantize_int4(torch.randn(32, 128), 32)
-    int4 = Int4Linear(q, scales_and_zeros, bias=torch.zeros(32))
+    int4 = Int4Linear(q, scales_and_zeros, bias=torch.zeros(32), backend="packed")
     # packed int4: two weights a byte; bf16 scale and zero per group; bf16 bias
     assert int4.weight_bytes() == 32 * 128 // 2 + (128 // 32) * 32 * 2 * 2 + 32 * 2
     int8 = Int8Linear(*quantize_int8(torch.randn(32, 128)), backend="reference")
     assert int8.weight_bytes() == 32 * 128 + 32 * 4  # int8 weights; fp32 scales on the reference path
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not cpu_vnni.available(), reason="needs an AVX-512 VNNI CPU and a C++ compiler")
+def test_real_layers_on_picochats_cpu_kernel(real_tensors) -> None:
+    down = real_tensors["blk.0.ffn_down.weight"]  # [576, 1536] Q4_1
+    fast = linear_from_gguf([down])
+    assert isinstance(fast, Int4Linear) and fast.backend == "vnni"
+    # Q4_1's fp16 d and m are the kernel's own: the layout holds the GGUF weight exactly
+    torch.testing.assert_close(cpu_vnni.dequantize_int4(fast.qweight, fast.d, fast.m), gguf_dequantize(down))
+    x = torch.randn(4, 1536)
+    expected = x @ gguf_dequantize(down).t()
+    assert (fast(x) - expected).abs().max() <= 0.02 * expected.abs().max()  # int8 activations
 
 
 @pytest.mark.gpu
@@ -242,7 +256,7 @@ def test_q8_0_requantization_error_is_bounded(real_tensors, monkeypatch) -> None
 @pytest.mark.slow
 def test_real_layers_packed_match_reference(real_tensors) -> None:
     down = real_tensors["blk.0.ffn_down.weight"]  # [576, 1536] Q4_1
-    packed = linear_from_gguf([down])
+    packed = linear_from_gguf([down], backend="packed")
     assert isinstance(packed, Int4Linear) and packed.backend == "packed"
     q, scales_and_zeros = int4_from_gguf(down)
     x = torch.randn(4, 1536)
@@ -251,7 +265,7 @@ def test_real_layers_packed_match_reference(real_tensors) -> None:
     w = gguf_dequantize(real_tensors["blk.0.attn_q.weight"])  # float weights → int8
     w_int8, scales = quantize_int8(w)
     x = torch.randn(4, 576, dtype=BF16)
-    assert_matches_bf16_reference(Int8Linear(w_int8, scales)(x), x,
+    assert_matches_bf16_reference(Int8Linear(w_int8, scales, backend="packed")(x), x,
                                   dequantize_int8(w_int8, scales.to(BF16)), None)
 
 
@@ -321,7 +335,8 @@ def test_build_then_swap_quantizes_the_transformer_linears(mode: str, rel_tol: f
     fractions = [f for _, f in calls]
     assert len(calls) == 10 and fractions == sorted(fractions) and fractions[-1] == 1.0
     # the tied embedding reads the int8 lm_head's rows
-    table = replacements["lm_head"].w_int8.float() * replacements["lm_head"].scales.float()[:, None]
+    lm_head = replacements["lm_head"]
+    table = lm_head.rows(torch.arange(lm_head.out_features)).float() * lm_head.scales.float()[:, None]
     assert torch.equal(replacements["embed_tokens"](ids[0]).float(), table[ids[0]])
 
     previous = swap_linears(model, replacements)
@@ -350,7 +365,7 @@ def test_weight_bytes_of_a_swapped_model() -> None:
     model = TinyModel()
     float_bytes = weight_bytes(model)
     assert float_bytes == sum(p.numel() * 4 for p in model.parameters())  # tied weight counted once
-    replacements = build_quantized_linears(model, QuantConfig(mode="int8", quantize_lm_head=False))
+    replacements = build_quantized_linears(model, QuantConfig(mode="int8", quantize_lm_head=False), backend="packed")
     swap_linears(model, replacements)
     # each linear: fp32 weight (and bias) → int8 weight + bf16 scales (+ bf16 bias)
     linears = [(128, 64, True), (64, 64, False), (256, 64, False), (64, 128, False)]  # (N, K, bias) per layer

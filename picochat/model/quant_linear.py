@@ -4,8 +4,15 @@
 Each module is built on its target device and picks a backend once, which fixes how it stores the
 weight (so a module is not moved between devices afterwards — build a new one). ``auto`` asks
 ``picochat.kernels.dispatch.resolve_kernel_backend``: ``triton`` there means ``triton`` here,
-``torch`` means ``packed`` on the CPU (``reference`` for shapes the packed kernels cannot take)
-and ``reference`` elsewhere.
+``torch`` means, on the CPU, ``vnni`` where picochat's own kernels are available and take the
+shape, else ``packed`` (``reference`` for shapes the packed kernels cannot take), and
+``reference`` elsewhere.
+
+- ``vnni`` (CPU): ``kernels/cpu_vnni.cpp`` (see ``picochat.kernels.cpu_vnni``): x rounded to int8
+  per group of 32, exact integer dot products; N % 16 == 0, K % 32 == 0 and, for int4, group % 32
+  == 0. int4 keeps fp16 ``d`` and ``m`` per group of 32 (a larger group repeated), int8 its fp32
+  scales. Rounding: that of x to int8 (~0.5-1 % of the output's scale on random inputs) and, for
+  int4, of the scales to fp16.
 
 - ``packed`` (CPU): torch's ``_weight_int8pack_mm`` and ``_weight_int4pack_mm_for_cpu``. Both are
   fast only with bf16 activations, so inputs are cast to bf16, scales and bias are stored in bf16,
@@ -29,11 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from picochat.kernels import dispatch, quant_reference
+from picochat.kernels import cpu_vnni, dispatch, quant_reference
 from picochat.model.quant_formats import check_int4_group
 
-Backend = Literal["auto", "packed", "reference", "triton"]
-BACKENDS: tuple[Backend, ...] = ("auto", "packed", "reference", "triton")
+Backend = Literal["auto", "vnni", "packed", "reference", "triton"]
+BACKENDS: tuple[Backend, ...] = ("auto", "vnni", "packed", "reference", "triton")
 _INT4_INNER_K_TILES = 2  # an argument of torch's CPU int4 pack; no effect on CPU
 # From this many rows (a prefill chunk) the int4 kernel, which dequantizes per row tile, loses to
 # dequantizing the weight once and a bf16 matmul: for the default model's 512-token prefill the
@@ -57,15 +64,20 @@ def int4pack_layout_known() -> bool:
     return tuple(packed.shape) == (2 * _PACK_ROWS, 32) and torch.equal(unpack_int4pack(packed, *q.shape).int(), q)
 
 
-def _resolve_backend(requested: Backend, device: torch.device, packed_fits: bool) -> Backend:
+def _resolve_backend(requested: Backend, device: torch.device, packed_fits: bool,
+                     vnni_fits: bool = False) -> Backend:
     """The backend a module on ``device`` uses; ValueError for an impossible explicit choice."""
     if requested not in BACKENDS:
         raise ValueError(f"quant backend must be one of {', '.join(BACKENDS)}, got {requested!r}")
     can_pack = device.type == "cpu" and packed_fits
+    can_vnni = device.type == "cpu" and vnni_fits and cpu_vnni.available()
     if requested == "auto":
         if dispatch.resolve_kernel_backend(device) == "triton":
             return "triton"
-        return "packed" if can_pack else "reference"
+        return "vnni" if can_vnni else "packed" if can_pack else "reference"
+    if requested == "vnni" and not can_vnni:
+        raise ValueError("quant backend 'vnni' needs a CPU weight with N % 16 == 0 and K (int4: group) % 32 == 0, "
+                         "and picochat's CPU kernels (an AVX-512 VNNI CPU and a C++ compiler)")
     if requested == "packed" and not can_pack:
         raise ValueError("quant backend 'packed' needs a CPU weight of a shape torch's kernel takes")
     if requested == "triton" and not (device.type == "cuda" and dispatch.triton_available()):
@@ -92,7 +104,8 @@ class QuantLinear(nn.Module):
         self._linear: Callable[..., torch.Tensor] | None = None
 
     def _packed_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """bf16 ``x [M, K]`` → bf16 ``[M, N]`` (no bias) on torch's packed CPU kernel."""
+        """``x [M, K]`` → ``[M, N]`` (no bias) on a CPU kernel: torch's packed ones take and give bf16,
+        ``vnni`` takes x as it comes and gives fp32."""
         raise NotImplementedError
 
     def _weight_args(self) -> tuple:
@@ -102,7 +115,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._linear is not None:
             return self._linear(x, *self._weight_args(), self.bias)
-        y = self._packed_matmul(x.reshape(-1, self.in_features).to(torch.bfloat16))  # [M, N]
+        rows = x.reshape(-1, self.in_features)
+        y = self._packed_matmul(rows if self.backend == "vnni" else rows.to(torch.bfloat16))  # [M, N]
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
@@ -125,10 +139,14 @@ class Int8Linear(QuantLinear):
         if w_int8.dtype != torch.int8 or tuple(scales.shape) != (n,):
             raise ValueError(f"int8 weight needs int8 [N, K] and scales [N], got {w_int8.dtype} "
                              f"{tuple(w_int8.shape)} and {tuple(scales.shape)}")
-        resolved = _resolve_backend(backend, w_int8.device, packed_fits=k % 16 == 0)
+        resolved = _resolve_backend(backend, w_int8.device, packed_fits=k % 16 == 0,
+                                    vnni_fits=n % cpu_vnni.ROWS == 0 and k % cpu_vnni.GROUP == 0)
         super().__init__(k, n, bias, resolved, w_int8.device)
-        self.register_buffer("w_int8", w_int8.contiguous())  # [N, K]
         self.register_buffer("scales", scales.to(self.param_dtype).contiguous())  # [N]
+        if resolved == "vnni":  # picochat's CPU layout: blocks of 16 rows, uint8 w + 128
+            self.register_buffer("w_vnni", cpu_vnni.pack_int8(w_int8))
+            return
+        self.register_buffer("w_int8", w_int8.contiguous())  # [N, K]
         if resolved == "triton":
             from picochat.kernels.triton_quant_matmul import int8_linear
             self._linear = int8_linear
@@ -136,7 +154,13 @@ class Int8Linear(QuantLinear):
             self._linear = quant_reference.int8_linear_reference
 
     def _packed_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "vnni":
+            return cpu_vnni.int8_mm(x, self.w_vnni, self.scales)
         return torch.ops.aten._weight_int8pack_mm(x, self.w_int8, self.scales)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The int8 weight's rows ``ids`` (any shape): ``[*ids.shape, K]``."""
+        return cpu_vnni.int8_rows(self.w_vnni, ids) if self.backend == "vnni" else self.w_int8[ids]
 
     def _weight_args(self) -> tuple:
         return self.w_int8, self.scales
@@ -153,9 +177,16 @@ class Int4Linear(QuantLinear):
             raise ValueError(f"int4 weight [N, K] = {(n, k)} needs scales_and_zeros [K // group, N, 2], "
                              f"got {tuple(scales_and_zeros.shape)}")
         check_int4_group(k, k // n_groups)
-        resolved = _resolve_backend(backend, q.device, packed_fits=n % 16 == 0)
-        super().__init__(k, n, bias, resolved, q.device)
         self.group = k // n_groups
+        resolved = _resolve_backend(backend, q.device, packed_fits=n % 16 == 0,
+                                    vnni_fits=n % cpu_vnni.ROWS == 0 and self.group % cpu_vnni.GROUP == 0)
+        super().__init__(k, n, bias, resolved, q.device)
+        if resolved == "vnni":  # picochat's CPU layout: no scales_and_zeros, fp16 d and m instead
+            qweight, d, m = cpu_vnni.pack_int4(q, scales_and_zeros)
+            self.register_buffer("qweight", qweight)
+            self.register_buffer("d", d)
+            self.register_buffer("m", m)
+            return
         if resolved == "packed":  # torch's CPU layout
             qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
                 q.to(torch.int32), _INT4_INNER_K_TILES)
@@ -168,6 +199,10 @@ class Int4Linear(QuantLinear):
         self.register_buffer("scales_and_zeros", scales_and_zeros.to(self.param_dtype).contiguous())
 
     def _packed_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "vnni":
+            if x.shape[0] >= INT4_DEQUANT_MIN_ROWS:
+                return F.linear(x.to(torch.bfloat16), self.dequantized()).float()
+            return cpu_vnni.int4_mm(x, self.qweight, self.d, self.m)
         if (x.shape[0] >= INT4_DEQUANT_MIN_ROWS and self.out_features % _PACK_ROWS == 0
                 and int4pack_layout_known()):
             return F.linear(x, self.dequantized())
@@ -175,6 +210,8 @@ class Int4Linear(QuantLinear):
 
     def dequantized(self) -> torch.Tensor:
         """The weight ``[N, K]`` in bf16, ``(q - 8) * scale + zero`` computed in fp32 as the kernel does."""
+        if self.backend == "vnni":
+            return cpu_vnni.dequantize_int4(self.qweight, self.d, self.m).to(torch.bfloat16)
         n, k = self.out_features, self.in_features
         q = unpack_int4pack(self.qweight, n, k).view(n, k // self.group, self.group)
         scales, zeros = self.scales_and_zeros.float().permute(2, 1, 0)[..., None]  # [N, K / group, 1] each
@@ -197,5 +234,5 @@ class Int8Embedding(nn.Module):
         self.dtype = dtype
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = self.lm_head.w_int8[ids].to(self.dtype)
+        rows = self.lm_head.rows(ids).to(self.dtype)
         return rows * self.lm_head.scales[ids].to(self.dtype).unsqueeze(-1)
