@@ -70,7 +70,8 @@ def _resolve_backend(requested: Backend, device: torch.device, packed_fits: bool
     if requested not in BACKENDS:
         raise ValueError(f"quant backend must be one of {', '.join(BACKENDS)}, got {requested!r}")
     can_pack = device.type == "cpu" and packed_fits
-    can_vnni = device.type == "cpu" and vnni_fits and cpu_vnni.available()
+    can_vnni = (requested in ("auto", "vnni") and device.type == "cpu" and vnni_fits
+                and cpu_vnni.available())  # builds the kernels on first use
     if requested == "auto":
         if dispatch.resolve_kernel_backend(device) == "triton":
             return "triton"
