@@ -1,5 +1,6 @@
 // picochat_cpu::int4_mm and picochat_cpu::int8_mm — weight-only quantized matmuls for x86 CPUs with
 // AVX-512 VNNI, built and loaded by cpu_vnni.py. Both return y[M, N] (fp32) = x[M, K] @ W^T.
+// picochat_cpu::int4_dequantize gives the int4 weight in bf16, for prefill chunks.
 //
 // Like llama.cpp's q4_1 x q8_1 and q8_0 x q8_0 dot products, x is rounded to int8 per group of 32
 // (symmetric, one fp32 scale a per group) and each group's dot product is an exact integer sum
@@ -209,14 +210,57 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   return y;
 }
 
+// The int4 weight as bf16 [N, K] (rounded to nearest even from fp32 q * d + m), for prefill chunks
+// that a bf16 matmul serves better than the kernel: one pass, no fp32 copy of the weight.
+at::Tensor int4_dequantize(const at::Tensor& q, const at::Tensor& d, const at::Tensor& m) {
+  TORCH_CHECK(q.dim() == 3 && q.size(2) == 256 && q.scalar_type() == at::kByte && d.scalar_type() == at::kHalf &&
+              m.scalar_type() == at::kHalf && d.sizes() == m.sizes(), "int4_dequantize: q/d/m blocked");
+  const int64_t blocks = q.size(0), G = q.size(1), N = blocks * kRows, K = G * kGroup;
+  at::Tensor out = at::empty({N, K}, q.options().dtype(at::kBFloat16));
+  const at::Tensor qc = q.contiguous(), dc = d.contiguous(), mc = m.contiguous();
+  const uint8_t* q_p = qc.data_ptr<uint8_t>();
+  const at::Half *d_p = dc.data_ptr<at::Half>(), *m_p = mc.data_ptr<at::Half>();
+  uint16_t* out_p = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  // lanes 4v + b of lo (weight 8v + b) and hi (weight 8v + 4 + b) into weights 0..15 and 16..31
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  const auto to_bf16 = [](__m512 v) {  // round to nearest even, keep the top half
+    const __m512i bits = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+  };
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; b++) {
+      for (int64_t g = 0; g < G; g++) {
+        const uint8_t* qb = q_p + (b * G + g) * 256;
+        for (int64_t row = 0; row < kRows; row++) {
+          const int32_t* word = reinterpret_cast<const int32_t*>(qb + row * 4);
+          const __m512i bytes = _mm512_cvtepu8_epi32(_mm_setr_epi32(word[0], word[16], word[32], word[48]));
+          const int64_t at = (b * G + g) * kRows + row;
+          const __m512 dv = _mm512_set1_ps(static_cast<float>(d_p[at])), mv = _mm512_set1_ps(static_cast<float>(m_p[at]));
+          const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(15))), dv, mv);
+          const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4)), dv, mv);
+          uint16_t* dst = out_p + (b * kRows + row) * K + g * kGroup;
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), to_bf16(_mm512_permutex2var_ps(lo, first, hi)));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16), to_bf16(_mm512_permutex2var_ps(lo, second, hi)));
+        }
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(picochat_cpu, lib) {
   lib.def("int4_mm(Tensor x, Tensor q, Tensor d, Tensor m) -> Tensor");
   lib.def("int8_mm(Tensor x, Tensor w, Tensor s) -> Tensor");
+  lib.def("int4_dequantize(Tensor q, Tensor d, Tensor m) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(picochat_cpu, CPU, lib) {
   lib.impl("int4_mm", &int4_mm);
   lib.impl("int8_mm", &int8_mm);
+  lib.impl("int4_dequantize", &int4_dequantize);
 }

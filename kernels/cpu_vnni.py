@@ -121,6 +121,11 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return nibbles.reshape(blocks * ROWS, groups * GROUP)
 
 
+def int4_dequantize_bf16(packed: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """:func:`dequantize_int4` rounded to bf16, in one pass of the kernel (for prefill chunks)."""
+    return torch.ops.picochat_cpu.int4_dequantize(packed, d, m)
+
+
 def dequantize_int4(packed: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """The fp32 weight ``[N, K]`` that :func:`pack_int4`'s layout holds."""
     q = unpack_int4(packed).float().view(-1, d.shape[1], GROUP)

@@ -46,6 +46,10 @@ _INT4_INNER_K_TILES = 2  # an argument of torch's CPU int4 pack; no effect on CP
 # dequantizing the weight once and a bf16 matmul: for the default model's 512-token prefill the
 # int4 kernel took 1.19 s of linears, a bf16 matmul 0.27 s plus ~0.3 s of dequantization.
 INT4_DEQUANT_MIN_ROWS = 192
+# The same crossover for picochat's kernel, whose one-pass dequantization to bf16 is ~15x torch's:
+# the default model's int4 linears took 35 / 76 / 152 ms on the kernel at 32 / 64 / 128 rows and
+# 56 / 73 / 92 ms dequantized into a bf16 matmul (one process, alternating).
+VNNI_INT4_DEQUANT_MIN_ROWS = 64
 _PACK_ROWS = 64  # torch's CPU int4 pack: per 64 rows, byte j of column k holds rows j and j + 32
 
 
@@ -201,7 +205,7 @@ class Int4Linear(QuantLinear):
 
     def _packed_matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "vnni":
-            if x.shape[0] >= INT4_DEQUANT_MIN_ROWS:
+            if x.shape[0] >= VNNI_INT4_DEQUANT_MIN_ROWS:
                 return F.linear(x.to(torch.bfloat16), self.dequantized()).float()
             return cpu_vnni.int4_mm(x, self.qweight, self.d, self.m)
         if (x.shape[0] >= INT4_DEQUANT_MIN_ROWS and self.out_features % _PACK_ROWS == 0
@@ -212,7 +216,7 @@ class Int4Linear(QuantLinear):
     def dequantized(self) -> torch.Tensor:
         """The weight ``[N, K]`` in bf16, ``(q - 8) * scale + zero`` computed in fp32 as the kernel does."""
         if self.backend == "vnni":
-            return cpu_vnni.dequantize_int4(self.qweight, self.d, self.m).to(torch.bfloat16)
+            return cpu_vnni.int4_dequantize_bf16(self.qweight, self.d, self.m)
         n, k = self.out_features, self.in_features
         q = unpack_int4pack(self.qweight, n, k).view(n, k // self.group, self.group)
         scales, zeros = self.scales_and_zeros.float().permute(2, 1, 0)[..., None]  # [N, K / group, 1] each

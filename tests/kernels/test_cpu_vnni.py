@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from picochat.kernels import cpu_vnni, quant_reference
-from picochat.model.quant_linear import INT4_DEQUANT_MIN_ROWS, Int4Linear, Int8Embedding, Int8Linear
+from picochat.model.quant_linear import VNNI_INT4_DEQUANT_MIN_ROWS, Int4Linear, Int8Embedding, Int8Linear
 
 needs_kernels = pytest.mark.skipif(not cpu_vnni.available(), reason="needs an AVX-512 VNNI CPU and a C++ compiler")
 
@@ -107,13 +107,21 @@ def test_kernels_equal_their_torch_twins(rows: int, dtype: torch.dtype) -> None:
 
 @needs_kernels
 @pytest.mark.parametrize("group", [32, 128])
+def test_int4_dequantize_kernel_equals_the_torch_unpacking_rounded_to_bf16(group: int) -> None:
+    packed, d, m = cpu_vnni.pack_int4(*make_int4(64, 384, group, seed=group))
+    expected = cpu_vnni.dequantize_int4(packed, d, m).to(torch.bfloat16)
+    assert torch.equal(cpu_vnni.int4_dequantize_bf16(packed, d, m), expected)
+
+
+@needs_kernels
+@pytest.mark.parametrize("group", [32, 128])
 def test_int4_linear_picks_the_kernel_and_stays_close_to_the_fp32_reference(group: int) -> None:
     q, scales_and_zeros = make_int4(96, 512, group)
     bias = torch.randn(96) * 0.1
     fast = Int4Linear(q, scales_and_zeros, bias=bias)
     reference = Int4Linear(q, scales_and_zeros, bias=bias, backend="reference")
     assert (fast.backend, fast.group) == ("vnni", group)
-    for rows in (1, 7, INT4_DEQUANT_MIN_ROWS):  # the last: a prefill chunk on the dequantized weight
+    for rows in (1, 7, VNNI_INT4_DEQUANT_MIN_ROWS):  # the last: a prefill chunk on the dequantized weight
         x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
         out, expected = fast(x).float(), reference(x.float())
         # int8 activations (or a bf16 weight for prefill rows) cost ~1 % of the output's scale
