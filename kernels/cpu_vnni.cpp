@@ -78,69 +78,85 @@ QuantizedX quantize(const at::Tensor& x) {
   return out;
 }
 
-// One block of 16 output rows against x rows [0, TILE); writes y[r, block * 16 .. + 16).
+// Raw pointers to a QuantizedX from x row r0 on.
+struct XRows {
+  const int8_t* q;
+  const float *scale, *sum, *qsum;
+  XRows(const QuantizedX& x, int64_t r0, int64_t K)
+      : q(x.xq.data_ptr<int8_t>() + r0 * K), scale(x.scale.data_ptr<float>() + r0 * K / kGroup),
+        sum(x.sum.data_ptr<float>() + r0 * K / kGroup), qsum(x.qsum.data_ptr<float>() + r0 * K / kGroup) {}
+};
+
+// Tile<TILE>::run: one block of 16 output rows against x rows [r0, r0 + TILE); writes
+// y[r0 .. r0 + TILE, block * 16 .. + 16).
 template <int TILE>
-void int4_tile(const int8_t* xq, const float* xscale, const float* xsum, const uint8_t* q, const uint16_t* d,
-               const uint16_t* m, float* y, int64_t N, int64_t K, int64_t block) {
-  const int64_t G = K / kGroup;
-  const uint8_t* qb = q + block * G * 256;
-  const uint16_t* db = d + block * G * kRows;
-  const uint16_t* mb = m + block * G * kRows;
-  const __m512i low_nibble = _mm512_set1_epi8(15);
-  __m512 acc[TILE];
-  for (int r = 0; r < TILE; r++) acc[r] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < G; g++) {
-    __m512i w[8];
-    for (int v = 0; v < 4; v++) {
-      const __m512i bytes = _mm512_loadu_si512(qb + g * 256 + v * 64);
-      w[2 * v] = _mm512_and_si512(bytes, low_nibble);
-      w[2 * v + 1] = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low_nibble);
-    }
-    const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(db + g * kRows)));
-    const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mb + g * kRows)));
-    for (int r = 0; r < TILE; r++) {
-      const int32_t* xr = reinterpret_cast<const int32_t*>(xq + r * K + g * kGroup);
-      __m512i even = _mm512_setzero_si512(), odd = _mm512_setzero_si512();
+struct Int4Tile {
+  static void run(int64_t r0, int64_t block, const QuantizedX* xq, const uint8_t* q, const uint16_t* d,
+                  const uint16_t* m, float* y, int64_t N, int64_t K) {
+    const int64_t G = K / kGroup;
+    const XRows x(*xq, r0, K);
+    const uint8_t* qb = q + block * G * 256;
+    const uint16_t* db = d + block * G * kRows;
+    const uint16_t* mb = m + block * G * kRows;
+    const __m512i low_nibble = _mm512_set1_epi8(15);
+    __m512 acc[TILE];
+    for (int r = 0; r < TILE; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+      __m512i w[8];
       for (int v = 0; v < 4; v++) {
-        even = _mm512_dpbusd_epi32(even, w[2 * v], _mm512_set1_epi32(xr[2 * v]));
-        odd = _mm512_dpbusd_epi32(odd, w[2 * v + 1], _mm512_set1_epi32(xr[2 * v + 1]));
+        const __m512i bytes = _mm512_loadu_si512(qb + g * 256 + v * 64);
+        w[2 * v] = _mm512_and_si512(bytes, low_nibble);
+        w[2 * v + 1] = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low_nibble);
       }
-      const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(even, odd));
-      acc[r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(dv, _mm512_set1_ps(xscale[r * G + g])), acc[r]);
-      acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(xsum[r * G + g]), acc[r]);
+      const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(db + g * kRows)));
+      const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mb + g * kRows)));
+      for (int r = 0; r < TILE; r++) {
+        const int32_t* xr = reinterpret_cast<const int32_t*>(x.q + r * K + g * kGroup);
+        __m512i even = _mm512_setzero_si512(), odd = _mm512_setzero_si512();
+        for (int v = 0; v < 4; v++) {
+          even = _mm512_dpbusd_epi32(even, w[2 * v], _mm512_set1_epi32(xr[2 * v]));
+          odd = _mm512_dpbusd_epi32(odd, w[2 * v + 1], _mm512_set1_epi32(xr[2 * v + 1]));
+        }
+        const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(even, odd));
+        acc[r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(dv, _mm512_set1_ps(x.scale[r * G + g])), acc[r]);
+        acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(x.sum[r * G + g]), acc[r]);
+      }
     }
+    for (int r = 0; r < TILE; r++) _mm512_storeu_ps(y + (r0 + r) * N + block * kRows, acc[r]);
   }
-  for (int r = 0; r < TILE; r++) _mm512_storeu_ps(y + r * N + block * kRows, acc[r]);
-}
+};
 
 template <int TILE>
-void int8_tile(const int8_t* xq, const float* xscale, const float* xqsum, const uint8_t* w, const float* s,
-               float* y, int64_t N, int64_t K, int64_t block) {
-  const int64_t G = K / kGroup;
-  const uint8_t* wb = w + block * G * 512;
-  __m512 acc[TILE];
-  for (int r = 0; r < TILE; r++) acc[r] = _mm512_setzero_ps();
-  const __m512 offset = _mm512_set1_ps(128.f);
-  for (int64_t g = 0; g < G; g++) {
-    __m512i wv[8];
-    for (int v = 0; v < 8; v++) wv[v] = _mm512_loadu_si512(wb + g * 512 + v * 64);
-    for (int r = 0; r < TILE; r++) {
-      const int32_t* xr = reinterpret_cast<const int32_t*>(xq + r * K + g * kGroup);
-      __m512i even = _mm512_setzero_si512(), odd = _mm512_setzero_si512();
-      for (int v = 0; v < 8; v += 2) {
-        even = _mm512_dpbusd_epi32(even, wv[v], _mm512_set1_epi32(xr[v]));
-        odd = _mm512_dpbusd_epi32(odd, wv[v + 1], _mm512_set1_epi32(xr[v + 1]));
+struct Int8Tile {
+  static void run(int64_t r0, int64_t block, const QuantizedX* xq, const uint8_t* w, const float* s, float* y,
+                  int64_t N, int64_t K) {
+    const int64_t G = K / kGroup;
+    const XRows x(*xq, r0, K);
+    const uint8_t* wb = w + block * G * 512;
+    __m512 acc[TILE];
+    for (int r = 0; r < TILE; r++) acc[r] = _mm512_setzero_ps();
+    const __m512 offset = _mm512_set1_ps(128.f);
+    for (int64_t g = 0; g < G; g++) {
+      __m512i wv[8];
+      for (int v = 0; v < 8; v++) wv[v] = _mm512_loadu_si512(wb + g * 512 + v * 64);
+      for (int r = 0; r < TILE; r++) {
+        const int32_t* xr = reinterpret_cast<const int32_t*>(x.q + r * K + g * kGroup);
+        __m512i even = _mm512_setzero_si512(), odd = _mm512_setzero_si512();
+        for (int v = 0; v < 8; v += 2) {
+          even = _mm512_dpbusd_epi32(even, wv[v], _mm512_set1_epi32(xr[v]));
+          odd = _mm512_dpbusd_epi32(odd, wv[v + 1], _mm512_set1_epi32(xr[v + 1]));
+        }
+        const __m512 dot = _mm512_fnmadd_ps(offset, _mm512_set1_ps(x.qsum[r * G + g]),
+                                            _mm512_cvtepi32_ps(_mm512_add_epi32(even, odd)));
+        acc[r] = _mm512_fmadd_ps(dot, _mm512_set1_ps(x.scale[r * G + g]), acc[r]);
       }
-      const __m512 dot = _mm512_fnmadd_ps(offset, _mm512_set1_ps(xqsum[r * G + g]),
-                                          _mm512_cvtepi32_ps(_mm512_add_epi32(even, odd)));
-      acc[r] = _mm512_fmadd_ps(dot, _mm512_set1_ps(xscale[r * G + g]), acc[r]);
     }
+    const __m512 sv = _mm512_loadu_ps(s + block * kRows);
+    for (int r = 0; r < TILE; r++) _mm512_storeu_ps(y + (r0 + r) * N + block * kRows, _mm512_mul_ps(acc[r], sv));
   }
-  const __m512 sv = _mm512_loadu_ps(s + block * kRows);
-  for (int r = 0; r < TILE; r++) _mm512_storeu_ps(y + r * N + block * kRows, _mm512_mul_ps(acc[r], sv));
-}
+};
 
-// Calls tile<1..8>(rows) for every (block, tile of up to 8 x rows), blocks split across threads.
+// Calls Tile<1..8>::run for every (block, tile of up to 8 x rows), blocks split across threads.
 template <template <int> class Tile, typename... Args>
 void for_each_tile(int64_t blocks, int64_t M, Args... args) {
   at::parallel_for(0, blocks, 4, [&](int64_t begin, int64_t end) {
@@ -160,26 +176,6 @@ void for_each_tile(int64_t blocks, int64_t M, Args... args) {
     }
   });
 }
-
-template <int TILE>
-struct Int4Tile {
-  static void run(int64_t r0, int64_t b, const QuantizedX* x, const uint8_t* q, const uint16_t* d,
-                  const uint16_t* m, float* y, int64_t N, int64_t K) {
-    const int64_t G = K / kGroup;
-    int4_tile<TILE>(x->xq.data_ptr<int8_t>() + r0 * K, x->scale.data_ptr<float>() + r0 * G,
-                    x->sum.data_ptr<float>() + r0 * G, q, d, m, y + r0 * N, N, K, b);
-  }
-};
-
-template <int TILE>
-struct Int8Tile {
-  static void run(int64_t r0, int64_t b, const QuantizedX* x, const uint8_t* w, const float* s, float* y,
-                  int64_t N, int64_t K) {
-    const int64_t G = K / kGroup;
-    int8_tile<TILE>(x->xq.data_ptr<int8_t>() + r0 * K, x->scale.data_ptr<float>() + r0 * G,
-                    x->qsum.data_ptr<float>() + r0 * G, w, s, y + r0 * N, N, K, b);
-  }
-};
 
 at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& d, const at::Tensor& m) {
   TORCH_CHECK(x.dim() == 2 && q.dim() == 3 && d.dim() == 3 && m.dim() == 3, "int4_mm: x [M, K], q/d/m blocked");

@@ -109,8 +109,8 @@ class QuantLinear(nn.Module):
         self._linear: Callable[..., torch.Tensor] | None = None
 
     def _packed_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [M, K]`` → ``[M, N]`` (no bias) on a CPU kernel: torch's packed ones take and give bf16,
-        ``vnni`` takes x as it comes and gives fp32."""
+        """``x [M, K]`` → ``[M, N]`` (no bias) on a CPU kernel, in the kernel's output dtype (torch's
+        packed ones compute in bf16, ``vnni`` takes x as it comes and gives fp32)."""
         raise NotImplementedError
 
     def _weight_args(self) -> tuple:
@@ -120,8 +120,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._linear is not None:
             return self._linear(x, *self._weight_args(), self.bias)
-        rows = x.reshape(-1, self.in_features)
-        y = self._packed_matmul(rows if self.backend == "vnni" else rows.to(torch.bfloat16))  # [M, N]
+        y = self._packed_matmul(x.reshape(-1, self.in_features))  # [M, N]
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
@@ -161,7 +160,7 @@ class Int8Linear(QuantLinear):
     def _packed_matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "vnni":
             return cpu_vnni.int8_mm(x, self.w_vnni, self.scales)
-        return torch.ops.aten._weight_int8pack_mm(x, self.w_int8, self.scales)
+        return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.w_int8, self.scales)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """The int8 weight's rows ``ids`` (any shape): ``[*ids.shape, K]``."""
@@ -206,8 +205,9 @@ class Int4Linear(QuantLinear):
     def _packed_matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "vnni":
             if x.shape[0] >= VNNI_INT4_DEQUANT_MIN_ROWS:
-                return F.linear(x.to(torch.bfloat16), self.dequantized()).float()
+                return F.linear(x.to(torch.bfloat16), self.dequantized())
             return cpu_vnni.int4_mm(x, self.qweight, self.d, self.m)
+        x = x.to(torch.bfloat16)
         if (x.shape[0] >= INT4_DEQUANT_MIN_ROWS and self.out_features % _PACK_ROWS == 0
                 and int4pack_layout_known()):
             return F.linear(x, self.dequantized())

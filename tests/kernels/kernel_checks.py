@@ -1,4 +1,5 @@
-"""Shared by the kernel tests: where the kernels run, and the error bound against fp32 math."""
+"""Shared by the kernel tests: where the kernels run, the error bound against fp32 math, and
+random quantized weights and activations."""
 
 from __future__ import annotations
 
@@ -27,3 +28,21 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what:
     bound = TOLERANCE[dtype] * max(1.0, ref.float().abs().max().item())
     assert err.max().item() <= bound, (
         f"{what}: max error {err.max().item():.3g} > {bound:.3g} (mean {err.mean().item():.3g})")
+
+
+def make_int8(n: int, k: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+    return w, torch.rand(n, generator=gen) * 0.02 + 0.001
+
+
+def make_int4(n: int, k: int, group: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    scales = torch.rand(k // group, n, generator=gen) * 0.1 + 0.01
+    zeros = torch.randn(k // group, n, generator=gen) * 0.1
+    return q, torch.stack([scales, zeros], dim=-1)
+
+
+def activations(m: int, k: int, dtype: torch.dtype, seed: int = 1) -> torch.Tensor:
+    return torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(dtype)

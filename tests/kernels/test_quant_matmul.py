@@ -6,26 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernel_checks import DEVICE, DTYPES, assert_close, gpu
+from kernel_checks import DEVICE, DTYPES, activations, assert_close, gpu, make_int4, make_int8
 from picochat.kernels import quant_reference, triton_quant_matmul
-
-
-def make_int8(n: int, k: int, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    w = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
-    return w, torch.rand(n, generator=gen) * 0.02 + 0.001
-
-
-def make_int4(n: int, k: int, group: int, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
-    scales = torch.rand(k // group, n, generator=gen) * 0.1 + 0.01
-    zeros = torch.randn(k // group, n, generator=gen) * 0.1
-    return q, torch.stack([scales, zeros], dim=-1)
-
-
-def activations(m: int, k: int, dtype: torch.dtype, seed: int = 1) -> torch.Tensor:
-    return torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
 # ------------------------------------------------------------------ the twins and torch's format
