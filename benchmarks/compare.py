@@ -118,13 +118,13 @@ def aggregate_decode_rate(token_times: list[list[float]]) -> float | None:
 class Picochat:
     """picochat in process, through the Engine protocol only."""
 
-    def __init__(self, model: Path, config: str, threads: int, work: Workload, compile: bool):
+    def __init__(self, model: Path, config: str, threads: int, work: Workload, compile: bool, device: str):
         dtype, quant = PICOCHAT_CONFIGS[config]
         budget = max(512, len(work.prefill), sum(map(len, work.streams)))  # each phase in one step
         scheduler = SchedulerConfig(max_num_seqs=max(16, len(work.streams)), max_num_batched_tokens=budget,
                                     enable_prefix_caching=False)
         self.name = f"picochat {config}"
-        self.engine = LocalEngine(EngineConfig(model=str(model), dtype=dtype, threads=threads,
+        self.engine = LocalEngine(EngineConfig(model=str(model), dtype=dtype, threads=threads, device=device,
                                                quant=QuantConfig(quant), scheduler=scheduler, compile=compile))
         started = time.perf_counter()
         while self.engine.decode_step == "compiling":  # measure the step users get once it is built
@@ -170,7 +170,7 @@ def token_times(t: RequestTimings | None) -> list[float]:
 class HFTransformers:
     """HF transformers: the GGUF dequantized into ``dtype``, greedy ``generate``."""
 
-    def __init__(self, model: Path, dtype: str, threads: int):
+    def __init__(self, model: Path, dtype: str, threads: int, device: str):
         from transformers import AutoModelForCausalLM, GgufConfig
         from transformers.utils import logging as hf_logging
 
@@ -183,6 +183,8 @@ class HFTransformers:
         else:
             source, extra = model, {}
         self.model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], **extra).eval()
+        self.device = torch.device(device)
+        self.model.to(self.device)
         eos = self.model.generation_config.eos_token_id
         self.pad_id = eos[0] if isinstance(eos, list) else (eos if eos is not None else 0)
 
@@ -190,17 +192,21 @@ class HFTransformers:
         """Left-padded greedy generation of exactly ``n`` tokens; returns (start, per-step token times)."""
         from transformers import StoppingCriteria, StoppingCriteriaList
 
+        device = self.device
+
         class StepClock(StoppingCriteria):  # called once per step, right after the step's tokens are chosen
             def __init__(self):
                 self.times: list[float] = []
 
             def __call__(self, input_ids, scores, **kwargs):
+                if device.type == "cuda":  # the step's tokens exist once its kernels have run
+                    torch.cuda.synchronize(device)
                 self.times.append(time.perf_counter())
-                return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
 
         width = max(map(len, prompts))
-        ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
         clock = StepClock()
         start = time.perf_counter()
         with torch.inference_mode():
@@ -216,7 +222,7 @@ class HFTransformers:
     def prefill(self, ids: list[int]) -> float | None:
         with torch.inference_mode():
             start = time.perf_counter()  # one forward filling the cache, logits of the last position only
-            out = self.model(input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+            out = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=True, logits_to_keep=1)
             out.logits[0, -1].argmax().item()
             return len(ids) / (time.perf_counter() - start)
 
@@ -320,10 +326,13 @@ def systems(args: argparse.Namespace, model: Path, work: Workload, notes: dict[s
     out = []
     if "picochat" in wanted:
         for config in args.picochat_configs.split(","):
-            out.append((f"picochat:{config}", None, lambda c=config: Picochat(model, c, args.threads, work, not args.eager)))
+            def factory(c=config):
+                return Picochat(model, c, args.threads, work, not args.eager, args.device)
+            out.append((f"picochat:{config}", None, factory))
     if "hf" in wanted:
         if find_spec("transformers") and find_spec("accelerate"):
-            out.append((f"hf:{args.hf_dtype}", "hf", lambda: HFTransformers(model, args.hf_dtype, args.threads)))
+            out.append((f"hf:{args.hf_dtype}", "hf",
+                        lambda: HFTransformers(model, args.hf_dtype, args.threads, args.device)))
         else:
             notes["hf"] = "skipped: transformers and accelerate are not both installed"
     if "llamacpp" in wanted:
@@ -423,6 +432,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hf-dtype", default="bfloat16", choices=("bfloat16", "float32"))
     parser.add_argument("--runs", type=int, default=3, help="measured passes per system, after one warm-up")
     parser.add_argument("--threads", type=int, default=2, help="torch and llama.cpp threads")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="where picochat and HF run (llama.cpp, as installed here, runs on the CPU)")
     parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--prefill-tokens", type=int, default=512)
     parser.add_argument("--streams", type=int, default=8)
@@ -475,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
             gc.collect()
     report = {
         "command": shlex.join(["python", *sys.argv]), "model": str(model), "threads": args.threads,
+        "device": args.device,
         "runs": args.runs, "versions": versions(),
         "workload": {"chat_tokens": len(work.chat), "prefill_tokens": len(work.prefill),
                      "streams": len(work.streams), "stream_prompt_tokens": [len(p) for p in work.streams],

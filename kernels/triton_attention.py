@@ -247,7 +247,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             out: torch.Tensor) -> None:
     """Writes ``out`` rows of the sequences with more than one query; leaves decode rows alone."""
     h, d = q.shape[1], q.shape[2]
-    block_d = triton.next_power_of_2(d)
+    block_d = max(16, triton.next_power_of_2(d))  # tl.dot needs K >= 16: zero-padded head dims
     block_m = min(64, max(16, triton.next_power_of_2(meta.max_query_len)))
     block_n = 64 if d <= 64 else 32
     grid = (meta.num_seqs, triton.cdiv(meta.max_query_len, block_m), h)
@@ -269,7 +269,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     h, d = q.shape[1], q.shape[2]
     hkv = k_cache.shape[2]
     group = h // hkv
-    block_d = triton.next_power_of_2(d)
+    block_d = max(16, triton.next_power_of_2(d))  # tl.dot needs K >= 16: zero-padded head dims
     block_n = 64 if d <= 64 else 32
     max_keys = _max_decode_keys(meta, sliding_window)
     split_size = triton.cdiv(triton.cdiv(max_keys, num_splits), block_n) * block_n

@@ -1,6 +1,7 @@
-"""The compiled decode step (torch.compile, built on a helper thread) on a tiny bf16 model with
-int4 linears and an int8 lm_head: greedy tokens equal the eager step's at batch 1 and in a batch
-of six, the compiled step really serves, and nothing recompiles on the engine thread."""
+"""The fast decode steps on tiny models: greedy tokens equal the eager step's at batch 1 and in a
+batch of six, and the fast step really serves. On the CPU the compiled step (torch.compile, built
+on a helper thread; bf16, int4 linears, int8 lm_head) never recompiles on the engine thread; on a
+GPU the CUDA graphs (fp32) replay every decode step."""
 
 from __future__ import annotations
 
@@ -27,19 +28,20 @@ def tiny_int4(tiny_loaded) -> LoadedModel:
     return dataclasses.replace(tiny_loaded, model=model)
 
 
-def run(loaded: LoadedModel, compile: bool) -> tuple[list[list[int]], list[int], LocalEngine]:
-    engine = LocalEngine(EngineConfig(model="tiny", dtype="bfloat16", compile=compile,
+def run(loaded: LoadedModel, compile: bool, device: str = "cpu", dtype: str = "bfloat16",
+        fast_step: str = "compiled") -> tuple[list[list[int]], list[int], LocalEngine]:
+    engine = LocalEngine(EngineConfig(model="tiny", dtype=dtype, compile=compile, device=device,
                                       # prefill chunks stay under the rows where int4 linears
                                       # switch to a dequantized bf16 matmul (other rounding), so
                                       # both runs prefill alike however the six are batched
                                       scheduler=SchedulerConfig(max_num_seqs=6, max_num_batched_tokens=64)),
-                         loaded=loaded)
+                         loaded=dataclasses.replace(loaded, model=copy.deepcopy(loaded.model)))
     if compile:
         deadline = time.monotonic() + 900
         while engine.decode_step == "compiling":
             assert time.monotonic() < deadline, "compilation did not finish"
             time.sleep(0.5)
-        assert engine.decode_step == "compiled", engine.metrics().activity
+        assert engine.decode_step == fast_step, engine.metrics().activity
         assert engine.metrics().activity is None
     try:
         alone = engine.submit(PROMPTS[0], GREEDY).result().token_ids
@@ -66,7 +68,7 @@ def test_failed_compilation_keeps_serving_eagerly(tiny_loaded, monkeypatch):
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(torch, "compile", no_compiler)
-    engine = LocalEngine(EngineConfig(model="tiny", compile=True), loaded=tiny_loaded)
+    engine = LocalEngine(EngineConfig(model="tiny", compile=True, device="cpu"), loaded=tiny_loaded)
     try:
         deadline = time.monotonic() + 30
         while engine.decode_step == "compiling":
@@ -78,3 +80,15 @@ def test_failed_compilation_keeps_serving_eagerly(tiny_loaded, monkeypatch):
         assert done.error is None and len(done.token_ids) == GREEDY.max_tokens
     finally:
         engine.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_match_eager_and_serve(tiny_loaded):
+    eager_batch, eager_alone, _ = run(tiny_loaded, compile=False, device="cuda", dtype="float32")
+    batch, alone, engine = run(tiny_loaded, compile=True, device="cuda", dtype="float32", fast_step="cuda graphs")
+    graphs = engine.runner.compiled
+    assert graphs.ready and not graphs.failed and sorted(graphs._graphs) == [1, 2, 4, 6]
+    assert graphs.steps_served >= 2 * (GREEDY.max_tokens - 1)  # batch 1 and the batch of six
+    assert alone == eager_alone
+    assert batch == eager_batch

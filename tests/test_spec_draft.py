@@ -42,7 +42,7 @@ def perturbed(loaded: LoadedModel, noise: float) -> LoadedModel:
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=generator) * noise)
+            p.add_(torch.randn(p.shape, generator=generator).to(p.device) * noise)
     return LoadedModel("tiny-draft", model, loaded.tokenizer)
 
 

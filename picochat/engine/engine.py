@@ -23,6 +23,7 @@ import torch
 
 from picochat.config import EngineConfig, QuantConfig, SamplingParams, SchedulerConfig, SpecConfig
 from picochat.engine import sampling
+from picochat.engine.cuda_graphs import CudaGraphDecode
 from picochat.engine.kv_cache import KVCacheManager
 from picochat.engine.outputs import OutputProcessor
 from picochat.engine.protocol import (Delta, EngineInfo, MetricsSnapshot, Prompt, RequestTimings,
@@ -82,7 +83,7 @@ class LocalEngine:
         loaded = loaded or load_model(config, self.device, progress)
         self.model_name = loaded.name
         self.model_path = loaded.path
-        self.model = loaded.model
+        self.model = loaded.model.to(self.device)  # a no-op for load_model's; a handed-in model moves
         self.tokenizer = loaded.tokenizer
         mcfg = self.model.config
         self.max_model_len = min(config.max_model_len or mcfg.max_position_embeddings,
@@ -282,7 +283,7 @@ class LocalEngine:
     @property
     def decode_step(self) -> str:
         """How decode-only steps run: ``eager`` (compilation off or unavailable), ``compiling``,
-        ``compiled`` or ``eager (compilation failed)``."""
+        ``compiled`` (CPU), ``cuda graphs`` (GPU) or ``eager (compilation failed)``."""
         compiled = self.runner.compiled
         if self._compile_pending:
             return "compiling"
@@ -290,7 +291,9 @@ class LocalEngine:
             return "eager"
         if compiled.failed:
             return "eager (compilation failed)"
-        return "compiled" if compiled.ready else "compiling"
+        if not compiled.ready:
+            return "compiling"
+        return "cuda graphs" if isinstance(compiled, CudaGraphDecode) else "compiled"
 
     def _rebuild_compiled(self) -> None:
         """The compiled step holds the modules and kernels it traced: after a change to either,
@@ -299,15 +302,18 @@ class LocalEngine:
         self._compile_pending = self.config.compile
 
     def _start_compile(self) -> None:
-        """Build the compiled decode step on a helper thread; the eager one serves meanwhile."""
+        """Build the fast decode step: compiled on a helper thread (the eager step serves
+        meanwhile), or CUDA graphs captured here and now."""
         building = "compiling the decode step (serving eagerly meanwhile)"
 
         def done(compiled, error: str | None) -> None:
             if self._activity == building and self.runner.compiled is compiled:  # not a replaced build
                 self._activity = error
 
-        if self.runner.compile_decode(done):
-            self._activity = building
+        self._activity = building
+        if not self.runner.compile_decode(done, self.attention_backend, self.max_model_len,
+                                          self.config.scheduler.max_num_seqs):
+            self._activity = None
 
     def _start_quant_switch(self, quant: QuantConfig) -> None:
         """Build the new linears on a helper thread while the old ones keep serving; the loop
@@ -334,8 +340,8 @@ class LocalEngine:
         while True:
             idle = not self.scheduler.has_work
             if self._compile_pending and idle and now() - last_step >= IDLE_BEFORE_COMPILE_S:
-                self._compile_pending = False
                 self._start_compile()
+                self._compile_pending = False  # only now: decode_step reads "compiling" throughout
             wait = IDLE_BEFORE_COMPILE_S if idle and self._compile_pending else None
             if not self._drain_inbox(block=idle, timeout=wait):
                 break

@@ -12,10 +12,14 @@ from typing import Callable
 import torch
 
 from picochat.engine.compiled_decode import MIN_TABLE_WIDTH, CompiledDecode
+from picochat.engine.cuda_graphs import CudaGraphDecode
 from picochat.kernels.reference import AttentionMetadata, DecodeMetadata
 from picochat.model.transformer import KVCache, Transformer
 from picochat.engine.kv_cache import KVCacheManager
 from picochat.engine.scheduler import SchedulerOutput
+
+
+DecodeStep = CompiledDecode | CudaGraphDecode
 
 
 class ModelRunner:
@@ -35,16 +39,22 @@ class ModelRunner:
         for cache in self.caches:
             cache.k[-1].zero_()
             cache.v[-1].zero_()
-        self.compiled: CompiledDecode | None = None  # serves decode-only steps once ready
+        self.compiled: DecodeStep | None = None  # serves decode-only steps once ready
 
-    def compile_decode(self, on_done: Callable[[CompiledDecode, str | None], None]) -> bool:
-        """Start building the compiled decode step (replacing any earlier one); False where
-        this attention backend has no decode-only step to compile."""
-        if self.model.kernels.decode_attention is None:
+    def compile_decode(self, on_done: Callable[[DecodeStep, str | None], None], attention_backend: str,
+                       max_model_len: int, max_batch: int) -> bool:
+        """Start building the fast decode step (replacing any earlier one): CUDA graphs over the
+        Triton kernels on a GPU, the compiled step over the CPU decode attention; False where
+        neither applies."""
+        if self.device.type == "cuda" and attention_backend == "triton":
+            self.compiled = CudaGraphDecode(self.model, self.caches, self.scratch_block, self.kv.block_size,
+                                            max_model_len, max_batch, on_done)
+        elif self.model.kernels.decode_attention is not None:
+            self.compiled = CompiledDecode(self.model, self.caches, self.scratch_block, self.null_slot,
+                                           self.kv.block_size, on_done)
+        else:
             self.compiled = None
             return False
-        self.compiled = CompiledDecode(self.model, self.caches, self.scratch_block, self.null_slot,
-                                       self.kv.block_size, on_done)
         self.compiled.start()
         return True
 
@@ -56,9 +66,15 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> tuple[torch.Tensor, list[int]]:
         """Run one step. Returns (logits [R, V] fp32, rows per chunk: how many logits rows each
         chunk owns — 0 for a prefill chunk that does not sample, 1 + drafts for one that does)."""
-        if self.model.kernels.decode_attention is not None and all(
-                c.num_new_tokens == 1 and c.samples and not c.request.spec_token_ids for c in sched.chunks):
-            return self._execute_decode(sched), [1] * len(sched.chunks)
+        if all(c.num_new_tokens == 1 and c.samples and not c.request.spec_token_ids for c in sched.chunks):
+            compiled = self.compiled
+            if isinstance(compiled, CudaGraphDecode) and compiled.ready and len(sched.chunks) <= compiled.max_batch:
+                try:
+                    return compiled(*self._decode_rows(sched)), [1] * len(sched.chunks)
+                except Exception as e:  # a step the graphs cannot hold: eager from now on
+                    compiled.disable(f"{type(e).__name__}: {e}")
+            if self.model.kernels.decode_attention is not None:
+                return self._execute_decode(sched), [1] * len(sched.chunks)
         bs = self.kv.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -105,8 +121,9 @@ class ModelRunner:
             torch.tensor(logits_indices, dtype=torch.int64, device=self.device))
         return logits, rows_per_chunk
 
-    def _execute_decode(self, sched: SchedulerOutput) -> torch.Tensor:
-        """A step of decode rows only: the next token of each request, at its last position."""
+    def _decode_rows(self, sched: SchedulerOutput) -> tuple[list[int], list[int], list[int], list[list[int]]]:
+        """(input ids, positions, slots, block tables) of a step of decode rows only: the next
+        token of each request, at its last position."""
         bs = self.kv.block_size
         input_ids, positions, slots, tables = [], [], [], []
         for chunk in sched.chunks:
@@ -117,16 +134,21 @@ class ModelRunner:
             positions.append(pos)
             slots.append(table[pos // bs] * bs + pos % bs)
             tables.append(table)
+        return input_ids, positions, slots, tables
+
+    def _execute_decode(self, sched: SchedulerOutput) -> torch.Tensor:
+        """A decode-only step over ``DecodeMetadata`` (the CPU decode attention), compiled once built."""
+        input_ids, positions, slots, tables = self._decode_rows(sched)
         width = max(MIN_TABLE_WIDTH, *(len(t) for t in tables))
         dev = self.device
         positions_t = torch.tensor(positions, dtype=torch.int64, device=dev)
         meta = DecodeMetadata.build(
             torch.tensor(slots, dtype=torch.int64, device=dev),
             torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64, device=dev),
-            positions_t + 1, bs, self.null_slot, self.model.config.sliding_window)
+            positions_t + 1, self.kv.block_size, self.null_slot, self.model.config.sliding_window)
         ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
         compiled = self.compiled
-        if compiled is not None and compiled.ready:
+        if isinstance(compiled, CompiledDecode) and compiled.ready:
             try:
                 return compiled(ids, positions_t, meta, self.caches)
             except Exception as e:  # a shape or state the graphs were not built for

@@ -8,6 +8,7 @@ fused linear at a time and quantizes it. Embeddings and norms stay in the model'
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -75,15 +76,18 @@ def _from_gguf_blocks(ckpt: LoadedCheckpoint, dtype: torch.dtype, quant: QuantCo
             bias = ckpt.tensors.get(f"model.layers.{i}.{sources[0]}.bias")
             if bias is not None:  # q|k|v biases, fused like their weights
                 bias = torch.cat([ckpt.tensors[n.replace(".weight", ".bias")] for n in names])
-            raws = [ckpt.quantized.get(n) for n in names]
+            bias = None if bias is None else bias.to(device)
+            # a quantized module picks its backend (and weight layout) for the device it is built on
+            raws = [None if r is None else replace(r, data=r.data.to(device))
+                    for r in map(ckpt.quantized.get, names)]
             if (all(r is not None and r.qtype in GGUF_DIRECT[quant.mode] for r in raws)
                     and (quant.mode == "int8" or quant.group_size == 32)):
                 replacements[f"layers.{i}.{fused}"] = linear_from_gguf(raws, bias=bias)
                 continue
             weight = torch.cat([dequantize_blocks(r.data, r.qtype).reshape(r.shape) if r is not None
-                                else ckpt.tensors[n].float() for r, n in zip(raws, names)])
-            linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-            linear.weight.data, linear.bias = weight, (nn.Parameter(bias) if bias is not None else None)
+                                else ckpt.tensors[n].float().to(device) for r, n in zip(raws, names)])
+            linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+            linear.weight, linear.bias = nn.Parameter(weight), (nn.Parameter(bias) if bias is not None else None)
             replacements[f"layers.{i}.{fused}"] = quantize_linear(linear, quant)
     swap_linears(model, replacements)
     meta = [name for name, p in model.named_parameters() if p.is_meta]

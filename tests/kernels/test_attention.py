@@ -59,7 +59,7 @@ def test_mixed_batch_matches_reference(dtype, heads, kv_heads):
     assert_close(out, fp32_reference(q, kc, vc, meta, 0.125), dtype, f"GQA {heads}/{kv_heads}")
 
 
-@pytest.mark.parametrize("head_dim,block_size", [(128, 16), (64, 5), (64, 1), (80, 8)])
+@pytest.mark.parametrize("head_dim,block_size", [(128, 16), (64, 5), (64, 1), (80, 8), (8, 16)])
 def test_head_dims_and_block_sizes(head_dim, block_size):
     q, kc, vc, meta = make_step([(9, 30), (1, 23), (17, 17)], 4, 2, head_dim, block_size, torch.float16)
     scale = head_dim ** -0.5

@@ -1,9 +1,10 @@
-"""The console on the real default model (SmolLM2-135M, CPU): a reply streams in, the panels
-show the engine's own metrics. Slow: loading the model takes tens of seconds."""
+"""The console on the real default model (SmolLM2-135M; on the GPU where there is one): a reply
+streams in, the panels show the engine's own metrics. Slow: loading the model takes tens of seconds."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from conftest import open_chat, send, wait_reply_done
 from picochat.config import EngineConfig
@@ -41,5 +42,10 @@ async def test_real_model_reply_streams_and_panels_fill(default_gguf_path):
             (timings,) = screen.query_one(RequestTimeline).requests
             assert timings.output_tokens == reply.stats.output_tokens and timings.prefill_s > 0
             assert "smollm2" in str(screen.query_one("StatusBar").render())
+            # memory: the GPU's VRAM and utilisation from NVML on a CUDA box, host RAM elsewhere
+            titles = [plot.title for plot in screen.query(MetricPlot)]
+            on_gpu = torch.cuda.is_available()
+            assert [device.kind for device in screen.engine.metrics().memory][:1] == ["gpu" if on_gpu else "cpu"]
+            assert ("VRAM GPU0" in titles and "GPU0 util" in titles) if on_gpu else "RAM" in titles
     finally:
         app.close_engine()

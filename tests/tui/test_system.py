@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import sys
 import types
+
+import pytest
 
 from picochat import system
 
@@ -45,3 +49,18 @@ def test_gpus_from_nvml(monkeypatch):
     gpus = system.device_stats()
     assert [(g.name, g.kind, g.memory_used_bytes, g.utilization_pct) for g in gpus] == [
         ("GPU0 NVIDIA H100", "gpu", 1 << 30, 40.0), ("GPU1 NVIDIA H100", "gpu", 2 << 30, 41.0)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(shutil.which("nvidia-smi") is None, reason="needs an NVIDIA GPU and its driver")
+def test_real_nvml_reports_each_gpu(monkeypatch):
+    monkeypatch.setattr(system, "_nvml_ready", None)
+    listed = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+                            capture_output=True, text=True, check=True).stdout.strip().splitlines()
+    gpus = system.device_stats()
+    assert len(gpus) == len(listed)
+    for index, (gpu, line) in enumerate(zip(gpus, listed)):
+        name, total_mib = (part.strip() for part in line.split(","))
+        assert gpu.kind == "gpu" and gpu.name == f"GPU{index} {name}"
+        assert 0 <= gpu.memory_total_bytes - (int(total_mib) << 20) < 1 << 20  # nvidia-smi rounds to MiB
+        assert 0 < gpu.memory_used_bytes <= gpu.memory_total_bytes and 0 <= gpu.utilization_pct <= 100

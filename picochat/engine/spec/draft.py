@@ -88,7 +88,7 @@ class DraftModelProposer:
     def __init__(self, config: SpecConfig, draft: LoadedModel, target: ProposerTarget,
                  num_kv_blocks: int = DRAFT_KV_TOKENS // DRAFT_BLOCK_SIZE):
         self.config = config
-        self.model = draft.model
+        self.model = draft.model.to(target.device)
         self.model.select_kernels(dispatch.resolve_attention_backend("auto", target.device), target.device)
         self.max_positions = self.model.config.max_position_embeddings
         self.kv = KVCacheManager(num_kv_blocks, DRAFT_BLOCK_SIZE, enable_prefix_caching=False)

@@ -79,13 +79,13 @@ class MetricsPanel(VerticalScroll):
     def _update_memory(self, devices: tuple[DeviceStats, ...]) -> None:
         while len(self._devices) < len(devices):
             device = devices[len(self._devices)]
-            plots = (MetricPlot("VRAM" if device.kind == "gpu" else "RAM", ceiling=device.memory_total_bytes),
-                     MetricPlot("GPU util" if device.kind == "gpu" else "CPU (process)",
+            gpu = device.name.split(" ", 1)[0]  # "GPU0 NVIDIA H100 80GB HBM3" → "GPU0"
+            plots = (MetricPlot(f"VRAM {gpu}" if device.kind == "gpu" else "RAM", ceiling=device.memory_total_bytes),
+                     MetricPlot(f"{gpu} util" if device.kind == "gpu" else "CPU (process)",
                                 ceiling=100.0 if device.kind == "gpu" else None))
             self.mount_all(plots)
             self._devices.append(plots)
         for device, (memory, load) in zip(devices, self._devices):
-            memory.title = device.name if device.kind == "gpu" else "RAM"
             memory.push(device.memory_used_bytes,
                         f"{fmt.gib(device.memory_used_bytes)}/{fmt.gib(device.memory_total_bytes)} GiB")
             util = fmt.UNAVAILABLE if device.utilization_pct is None else f"{device.utilization_pct:.0f}%"
