@@ -5,6 +5,7 @@ only through the Engine protocol. Every user mistake ends as one line on stderr 
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import sys
@@ -35,8 +36,9 @@ ENGINE_OPTIONS = {
     "attention": (str, typer.Option("--attention", help="auto | triton | sdpa | reference."), "auto"),
     "threads": (Optional[int], typer.Option("--threads", help="torch CPU threads (default: all cores)."), None),
     "compile": (Optional[bool], typer.Option("--compile/--no-compile",
-                help="Compile the decode step in the background (default: on for serve, bench and generate "
-                     "unless PICOCHAT_COMPILE=0; off in the console)."), None),
+                help="Build the fast decode step in the background: torch.compile on a CPU, CUDA graphs on "
+                     "a GPU (default: on for serve, bench and generate unless PICOCHAT_COMPILE=0; "
+                     "in the console CUDA graphs only)."), None),
     "max_model_len": (Optional[int], typer.Option("--max-model-len", help="Context length cap."), None),
     "max_num_seqs": (int, typer.Option("--max-num-seqs", help="Sequences per step."), 16),
     "max_num_batched_tokens": (int, typer.Option("--max-batched-tokens", help="Token budget per step."), 512),
@@ -153,9 +155,9 @@ def _run_console(opts: dict, resume: bool, plain: bool, system: str | None = Non
         def factory(progress=None):
             return RemoteEngine(opts["url"], api_key=opts.get("api_key"))
     else:
-        # the console serves eagerly unless asked: compiling beside it on a 2-core box delayed the
-        # first reply by 15-20 s for the minutes the build takes
-        config = engine_config({**opts, "compile": bool(opts["compile"])})
+        # the console builds only CUDA graphs (seconds) unless asked: torch.compile beside it on a
+        # 2-core box delayed the first reply by 15-20 s for the minutes the build takes
+        config = dataclasses.replace(engine_config(opts), compile=opts["compile"])
 
         def factory(progress=None):
             from picochat.engine.engine import LocalEngine

@@ -156,9 +156,11 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     spec: SpecConfig = field(default_factory=SpecConfig)
-    # compile the decode-only step with torch.compile on a helper thread, serving eagerly until it
-    # is ready; PICOCHAT_COMPILE=0 in the environment turns the default off (the test suite does)
-    compile: bool = field(default_factory=lambda: os.environ.get("PICOCHAT_COMPILE", "1") != "0")
+    # build the fast decode-only step once the engine is idle, serving eagerly until it is ready:
+    # torch.compile on a helper thread (CPU; minutes cold), CUDA graphs (GPU; seconds). None: only
+    # where that is cheap, i.e. CUDA graphs (the console's default). PICOCHAT_COMPILE=0 in the
+    # environment turns the default off (the test suite does)
+    compile: bool | None = field(default_factory=lambda: os.environ.get("PICOCHAT_COMPILE", "1") != "0")
 
     def validate(self) -> "EngineConfig":
         if self.dtype not in ("float32", "bfloat16", "float16"):

@@ -92,3 +92,16 @@ def test_cuda_graphs_match_eager_and_serve(tiny_loaded):
     assert graphs.steps_served >= 2 * (GREEDY.max_tokens - 1)  # batch 1 and the batch of six
     assert alone == eager_alone
     assert batch == eager_batch
+
+
+def test_compile_left_unset_builds_no_cpu_step(tiny_loaded):
+    """The console's default (``compile=None``): CUDA graphs on a GPU, no torch.compile on a CPU."""
+    from picochat.engine.engine import IDLE_BEFORE_COMPILE_S
+
+    engine = LocalEngine(EngineConfig(model="tiny", compile=None, device="cpu"), loaded=tiny_loaded)
+    try:
+        time.sleep(IDLE_BEFORE_COMPILE_S + 1.0)  # idle long enough for a build to have started
+        assert engine.decode_step == "eager" and engine.runner.compiled is None
+        assert engine.submit(PROMPTS[0], GREEDY).result().error is None
+    finally:
+        engine.close()

@@ -79,6 +79,10 @@ class CompiledDecode:
 
             # round bf16 / fp16 intermediates where eager does, so greedy tokens match the eager step
             inductor_config.emulate_precision_casts = True
+            # the runner's inputs always have the shapes the graphs were built for: no per-call
+            # size / stride checks (8 % of a batch-1 step's samples under py-spy, most of it
+            # building the checks' message strings)
+            inductor_config.size_asserts = False
             model = self.model
 
             def step(input_ids, positions, meta, caches):  # the forward without its inference_mode

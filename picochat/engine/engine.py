@@ -101,7 +101,7 @@ class LocalEngine:
         self.proposer = make_proposer(config.spec, self._proposer_target())
         # built once the loop has been idle a moment, so it never slows the requests of a start
         # that comes with work (the first token of ``picochat generate``)
-        self._compile_pending = self.config.compile
+        self._compile_pending = self._builds_fast_step
 
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._requests: dict[str, Request] = {}
@@ -295,11 +295,16 @@ class LocalEngine:
             return "compiling"
         return "cuda graphs" if isinstance(compiled, CudaGraphDecode) else "compiled"
 
+    @property
+    def _builds_fast_step(self) -> bool:
+        compile = self.config.compile
+        return self.device.type == "cuda" if compile is None else compile
+
     def _rebuild_compiled(self) -> None:
         """The compiled step holds the modules and kernels it traced: after a change to either,
         serve eagerly and build it anew once the loop is idle."""
         self.runner.compiled = None
-        self._compile_pending = self.config.compile
+        self._compile_pending = self._builds_fast_step
 
     def _start_compile(self) -> None:
         """Build the fast decode step: compiled on a helper thread (the eager step serves
