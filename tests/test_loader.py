@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from picochat.errors import ModelLoadError
 from picochat.model.gguf_dequant import BLOCK_BYTES, dequantize, dequantize_blocks
 from picochat.model.gguf_loader import config_from_gguf, open_gguf, read_gguf_tensors, unpermute_order
+from picochat.model import loader
 from picochat.model.loader import converted_path, expected_shapes, load_checkpoint
 
 
@@ -138,6 +139,26 @@ def test_converted_cache_is_written_once_and_reloads_equal(default_checkpoint, d
     again = load_checkpoint(default_model_path, torch.float32)
     assert torch.equal(again.tensors["model.norm.weight"], default_checkpoint.tensors["model.norm.weight"])
     assert torch.equal(load_file(converted)["model.norm.weight"], default_checkpoint.tensors["model.norm.weight"])
+
+
+@pytest.mark.slow
+def test_quantized_load_is_cached_with_its_raw_blocks(default_model_path: Path, private_cache: Path,
+                                                      monkeypatch) -> None:
+    cold = load_checkpoint(default_model_path, torch.bfloat16, keep_quantized=True)
+    assert converted_path(default_model_path, torch.bfloat16, keep_quantized=True).is_file()
+
+    def no_parse(path):
+        raise AssertionError("the GGUF was parsed again")
+
+    monkeypatch.setattr(loader, "open_gguf", no_parse)
+    warm = load_checkpoint(default_model_path, torch.bfloat16, keep_quantized=True)
+    assert warm.config == cold.config and warm.tensors.keys() == cold.tensors.keys()
+    assert warm.quantized.keys() == cold.quantized.keys() and len(warm.quantized) == 210
+    for name, q in cold.quantized.items():
+        w = warm.quantized[name]
+        assert (w.qtype, w.shape) == (q.qtype, q.shape) and torch.equal(w.data, q.data), name
+    for name, t in cold.tensors.items():
+        assert torch.equal(warm.tensors[name], t), name
 
 
 @pytest.mark.slow

@@ -1,8 +1,9 @@
 """load_checkpoint: a GGUF file or a Hugging Face folder → ModelConfig, HF-named tensors, tokenizer.
 
 Dispatches to ``gguf_loader`` / ``safetensors_loader`` and checks every tensor's shape against
-the ModelConfig before anyone uses it. Dequantized GGUF weights are kept as a converted
-safetensors file in the cache dir, so later starts skip dequantization.
+the ModelConfig before anyone uses it. A GGUF's tensors (dequantized, or with the quantized
+linears as their raw blocks) are kept as a converted safetensors file in the cache dir, so later
+starts skip the GGUF's header parse and dequantization.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from picochat.model.safetensors_loader import read_hf_config, read_safetensors
 if TYPE_CHECKING:
     from picochat.model.tokenizer import Tokenizer
 
-CONVERTED_FORMAT = "2"  # bump when the GGUF → HF conversion changes, to invalidate old caches
+CONVERTED_FORMAT = "3"  # bump when the GGUF → HF conversion changes, to invalidate old caches
 _IGNORED_HF_TENSOR = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
 
@@ -121,20 +122,19 @@ def _load_gguf(path: Path, dtype: torch.dtype, keep_quantized: bool,
                chat_template: str | None) -> LoadedCheckpoint:
     from picochat.model.tokenizer import Tokenizer  # lazy: tokenizers + jinja2 are slow to import
 
-    converted = None if keep_quantized else converted_path(path, dtype)
-    cached = _read_converted(converted) if converted is not None else None
+    converted = converted_path(path, dtype, keep_quantized)
+    cached = _read_converted(converted)
     if cached is not None:  # the GGUF itself is not even opened: its header parse costs seconds
-        config, tensors, tokenizer_json = cached
-        check_shapes(config, tensors, {}, path)
+        config, tensors, quantized, tokenizer_json = cached
+        check_shapes(config, tensors, quantized, path)
         return LoadedCheckpoint(config, tensors, Tokenizer.from_json(tokenizer_json, chat_template),
-                                path, "gguf")
+                                path, "gguf", quantized)
     reader = open_gguf(path)
     config = config_from_gguf(reader, path)
     tensors, quantized = read_gguf_tensors(reader, config, path, dtype, keep_quantized)
     check_shapes(config, tensors, quantized, path)
     tokenizer = Tokenizer.from_gguf_reader(reader)
-    if converted is not None:
-        _write_converted(converted, tensors, config, tokenizer.to_json())
+    _write_converted(converted, tensors, quantized, config, tokenizer.to_json())
     if chat_template is not None:  # the cache keeps the file's own template
         tokenizer = Tokenizer.from_json(tokenizer.to_json(), chat_template)
     return LoadedCheckpoint(config, tensors, tokenizer, path, "gguf", quantized)
@@ -150,16 +150,20 @@ def _has_gguf_magic(path: Path) -> bool:
 
 # ---------------------------------------------------------------------------- converted GGUF cache
 
-def converted_path(gguf_path: Path, dtype: torch.dtype) -> Path:
-    """``cache_dir()/converted/<name>-<size>-<mtime>-<dtype>.safetensors``: a changed file gets a new name."""
+def converted_path(gguf_path: Path, dtype: torch.dtype, keep_quantized: bool = False) -> Path:
+    """``cache_dir()/converted/<name>-<size>-<mtime>-<dtype>[_blocks].safetensors``: a changed file
+    gets a new name; ``_blocks`` holds the quantized linears as their raw GGUF blocks."""
     stat = gguf_path.stat()
-    return (cache_dir() / "converted"
-            / f"{gguf_path.stem}-{stat.st_size}-{stat.st_mtime_ns}-{_dtype_name(dtype)}.safetensors")
+    kind = _dtype_name(dtype) + ("_blocks" if keep_quantized else "")
+    return cache_dir() / "converted" / f"{gguf_path.stem}-{stat.st_size}-{stat.st_mtime_ns}-{kind}.safetensors"
 
 
-def _read_converted(file: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], str] | None:
-    """The cached config, tensors and tokenizer, or None when absent, of an older format or
-    unreadable (then we convert again). The file name carries the GGUF's size and mtime."""
+_BLOCKS_PREFIX = "gguf_blocks/"  # a raw linear's key in a converted file: prefix + HF name
+
+
+def _read_converted(file: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, GGUFQuantTensor], str] | None:
+    """The cached config, tensors, raw quantized linears and tokenizer, or None when absent, of an
+    older format or unreadable (then we convert again). The file name carries the GGUF's size and mtime."""
     if not file.is_file():
         return None
     try:
@@ -169,27 +173,33 @@ def _read_converted(file: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], s
                 return None
             fields = json.loads(metadata["config"])
             fields["eos_token_ids"] = tuple(fields["eos_token_ids"])
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-            return ModelConfig(**fields), tensors, metadata["tokenizer"]
+            kinds = json.loads(metadata["quantized"])  # HF name → [qtype, N, K]
+            tensors = {name: f.get_tensor(name) for name in f.keys() if not name.startswith(_BLOCKS_PREFIX)}
+            quantized = {name: GGUFQuantTensor(qtype, f.get_tensor(_BLOCKS_PREFIX + name), (n, k))
+                         for name, (qtype, n, k) in kinds.items()}
+            return ModelConfig(**fields), tensors, quantized, metadata["tokenizer"]
     except (SafetensorError, OSError, KeyError, TypeError, ValueError):
         return None
 
 
-def _write_converted(file: Path, tensors: dict[str, torch.Tensor], config: ModelConfig,
-                     tokenizer_json: str) -> None:
+def _write_converted(file: Path, tensors: dict[str, torch.Tensor], quantized: dict[str, GGUFQuantTensor],
+                     config: ModelConfig, tokenizer_json: str) -> None:
     """Atomically save the converted tensors and drop older conversions of the same file; a cache
     that cannot be written (read-only or full disk) only costs speed next time."""
     tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+    blocks = {_BLOCKS_PREFIX + name: q.data.contiguous() for name, q in quantized.items()}
+    kinds = {name: [q.qtype, *q.shape] for name, q in quantized.items()}
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, tmp, metadata={"format": CONVERTED_FORMAT, "config": _config_json(config),
-                                          "tokenizer": tokenizer_json})
+        save_file({**tensors, **blocks}, tmp, metadata={
+            "format": CONVERTED_FORMAT, "config": _config_json(config), "tokenizer": tokenizer_json,
+            "quantized": json.dumps(kinds)})
         os.replace(tmp, file)
     except OSError:
         tmp.unlink(missing_ok=True)
         return
-    stem, _size, _mtime, dtype = file.stem.rsplit("-", 3)
-    stale = re.compile(rf"{re.escape(stem)}-\d+-\d+-{dtype}\.safetensors")
+    stem, _size, _mtime, kind = file.stem.rsplit("-", 3)
+    stale = re.compile(rf"{re.escape(stem)}-\d+-\d+-{re.escape(kind)}\.safetensors")
     for old in file.parent.iterdir():
         if old != file and stale.fullmatch(old.name):
             old.unlink(missing_ok=True)

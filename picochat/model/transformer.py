@@ -163,12 +163,12 @@ class Transformer(nn.Module):
             src, dst = f"model.layers.{i}.", f"layers.{i}."
             attn = [_take(tensors, f"{src}self_attn.{n}_proj.weight", (rows, h))
                     for n, rows in (("q", q), ("k", kv), ("v", kv))]
-            params[dst + "attn.qkv_proj.weight"] = torch.cat(attn)
+            params[dst + "attn.qkv_proj.weight"] = _cat_rows(attn)
             if cfg.attention_bias:
                 params[dst + "attn.qkv_proj.bias"] = torch.cat(
                     [_take(tensors, f"{src}self_attn.{n}_proj.bias", (rows,)) for n, rows in (("q", q), ("k", kv), ("v", kv))])
             params[dst + "attn.o_proj.weight"] = _take(tensors, f"{src}self_attn.o_proj.weight", (h, q))
-            params[dst + "mlp.gate_up_proj.weight"] = torch.cat([
+            params[dst + "mlp.gate_up_proj.weight"] = _cat_rows([
                 _take(tensors, f"{src}mlp.gate_proj.weight", (inter, h)),
                 _take(tensors, f"{src}mlp.up_proj.weight", (inter, h))])
             params[dst + "mlp.down_proj.weight"] = _take(tensors, f"{src}mlp.down_proj.weight", (h, inter))
@@ -178,6 +178,15 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
         return model.eval()
+
+
+def _cat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(parts)``; placeholders (meta tensors that quantized linears replace) by shape
+    alone: torch's meta kernel for cat imports torch._dynamo, ~3 s of a quantized model's load."""
+    if all(p.is_meta for p in parts):
+        rows = sum(p.shape[0] for p in parts)
+        return torch.empty((rows, *parts[0].shape[1:]), dtype=parts[0].dtype, device="meta")
+    return torch.cat(parts)
 
 
 def _take(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, ...]) -> torch.Tensor:
