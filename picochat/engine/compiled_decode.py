@@ -37,25 +37,58 @@ def inductor_cache_dir() -> str:
     return str(cache_dir() / "inductor")
 
 
-class CompiledDecode:
+class FastDecodeStep:
+    """What the compiled step and the CUDA graphs share: built once by :meth:`start`, then
+    :attr:`ready` until a step they cannot serve :meth:`disable`\ s them for good; ``on_done(self,
+    None or a one-line error)`` reports the build's end."""
+
+    kind = "fast decode step"
+
+    def __init__(self, on_done: Callable[["FastDecodeStep", str | None], None]):
+        self.on_done = on_done
+        self.ready = False
+        self.failed = False
+        self.build_seconds: float | None = None
+        self.steps_served = 0
+
+    def disable(self, reason: str) -> None:
+        log.warning("%s disabled: %s", self.kind, reason)
+        self.ready, self.failed = False, True
+
+    def _build_and_report(self, build: Callable[[], None], failure: str) -> None:
+        """Run ``build``; any exception (no compiler, an op that cannot be captured, out of
+        memory…) leaves the eager step serving."""
+        started = time.perf_counter()
+        try:
+            build()
+        except Exception as e:
+            log.warning("%s, serving eagerly:\n%s", failure, traceback.format_exc())
+            self.failed = True
+            self.on_done(self, f"{failure} ({type(e).__name__}): serving eagerly")
+            return
+        self.build_seconds = time.perf_counter() - started
+        self.ready = True
+        self.on_done(self, None)
+
+
+class CompiledDecode(FastDecodeStep):
     """``step(input_ids, positions, meta, caches) -> logits`` once :attr:`ready`."""
 
+    kind = "compiled decode step"
+
     def __init__(self, model: Transformer, caches: list[KVCache], scratch_block: int, null_slot: int,
-                 block_size: int, on_done: Callable[["CompiledDecode", str | None], None]):
+                 block_size: int, on_done: Callable[[FastDecodeStep, str | None], None]):
+        super().__init__(on_done)  # on_done is called from the helper thread
         self.model = model
         self.caches = caches
         self.scratch_block = scratch_block
         self.null_slot = null_slot
         self.block_size = block_size
-        self.on_done = on_done  # called from the helper thread with self and None or a one-line error
-        self.ready = False
-        self.failed = False
-        self.build_seconds: float | None = None
-        self.steps_served = 0
         self._fn: Callable | None = None
 
     def start(self) -> None:
-        threading.Thread(target=self._build, name="picochat-compile", daemon=True).start()
+        threading.Thread(target=self._build_and_report, args=(self._compile, "compilation failed"),
+                         name="picochat-compile", daemon=True).start()
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: DecodeMetadata,
                  caches: list[KVCache]) -> torch.Tensor:
@@ -65,41 +98,26 @@ class CompiledDecode:
         self.steps_served += 1
         return logits
 
-    def disable(self, reason: str) -> None:
-        """Stop using the compiled step for good (it met a step it was not built for)."""
-        log.warning("compiled decode step disabled: %s", reason)
-        self.ready, self.failed = False, True
-
     # ------------------------------------------------------------------------------- build
-    def _build(self) -> None:
-        started = time.perf_counter()
-        try:
-            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", inductor_cache_dir())
-            import torch._inductor.config as inductor_config
+    def _compile(self) -> None:
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", inductor_cache_dir())
+        import torch._inductor.config as inductor_config
 
-            # round bf16 / fp16 intermediates where eager does, so greedy tokens match the eager step
-            inductor_config.emulate_precision_casts = True
-            # the runner's inputs always have the shapes the graphs were built for: no per-call
-            # size / stride checks (8 % of a batch-1 step's samples under py-spy, most of it
-            # building the checks' message strings)
-            inductor_config.size_asserts = False
-            model = self.model
+        # round bf16 / fp16 intermediates where eager does, so greedy tokens match the eager step
+        inductor_config.emulate_precision_casts = True
+        # the runner's inputs always have the shapes the graphs were built for: no per-call
+        # size / stride checks (8 % of a batch-1 step's samples under py-spy, most of it
+        # building the checks' message strings)
+        inductor_config.size_asserts = False
+        model = self.model
 
-            def step(input_ids, positions, meta, caches):  # the forward without its inference_mode
-                return Transformer.forward.__wrapped__(model, input_ids, positions, meta, caches)
+        def step(input_ids, positions, meta, caches):  # the forward without its inference_mode
+            return Transformer.forward.__wrapped__(model, input_ids, positions, meta, caches)
 
-            self._fn = torch.compile(step, fullgraph=True, options={"cpp_wrapper": True})
-            with torch.inference_mode():  # as the runner makes its inputs and calls it
-                for batch in (1, 2):  # batch 1 is its own graph (a size-1 dimension is a constant)
-                    self._fn(*self._example(batch))
-        except Exception as e:  # no compiler, an unsupported op…: the eager step keeps serving
-            log.warning("decode step compilation failed, serving eagerly:\n%s", traceback.format_exc())
-            self.failed = True
-            self.on_done(self, f"compilation failed ({type(e).__name__}): serving eagerly")
-            return
-        self.build_seconds = time.perf_counter() - started
-        self.ready = True
-        self.on_done(self, None)
+        self._fn = torch.compile(step, fullgraph=True, options={"cpp_wrapper": True})
+        with torch.inference_mode():  # as the runner makes its inputs and calls it
+            for batch in (1, 2):  # batch 1 is its own graph (a size-1 dimension is a constant)
+                self._fn(*self._example(batch))
 
     def _example(self, batch: int) -> tuple:
         """A decode step of ``batch`` rows that writes and reads only the scratch block."""

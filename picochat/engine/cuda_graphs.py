@@ -17,17 +17,13 @@ weights. Same interface as :class:`~picochat.engine.compiled_decode.CompiledDeco
 
 from __future__ import annotations
 
-import logging
-import time
-import traceback
 from typing import Callable
 
 import torch
 
+from picochat.engine.compiled_decode import FastDecodeStep
 from picochat.kernels.reference import AttentionMetadata
 from picochat.model.transformer import KVCache, Transformer
-
-log = logging.getLogger("picochat.engine")
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -38,13 +34,15 @@ def batch_buckets(max_batch: int) -> list[int]:
     return sizes
 
 
-class CudaGraphDecode:
+class CudaGraphDecode(FastDecodeStep):
     """``step(input_ids, positions, slots, tables) -> logits [B, V]`` once :attr:`ready`; the
     inputs are host lists of the B ≤ :attr:`max_batch` decode rows."""
 
+    kind = "CUDA graph decode step"
+
     def __init__(self, model: Transformer, caches: list[KVCache], scratch_block: int, block_size: int,
-                 max_model_len: int, max_batch: int,
-                 on_done: Callable[["CudaGraphDecode", str | None], None]):
+                 max_model_len: int, max_batch: int, on_done: Callable[[FastDecodeStep, str | None], None]):
+        super().__init__(on_done)
         self.model = model
         self.caches = caches
         self.scratch_block = scratch_block
@@ -52,28 +50,11 @@ class CudaGraphDecode:
         self.max_model_len = max_model_len
         self.buckets = batch_buckets(max_batch)
         self.max_batch = self.buckets[-1]
-        self.on_done = on_done
-        self.ready = False
-        self.failed = False
-        self.build_seconds: float | None = None
-        self.steps_served = 0
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # bucket → (graph, logits)
 
     def start(self) -> None:
         """Capture every bucket now, on the calling (engine) thread, then report to on_done."""
-        started = time.perf_counter()
-        try:
-            self._allocate()
-            self._capture_all()
-        except Exception as e:  # an op that cannot be captured, out of memory…: eager keeps serving
-            log.warning("CUDA graph capture failed, serving eagerly:\n%s", traceback.format_exc())
-            self._graphs.clear()
-            self.failed = True
-            self.on_done(self, f"CUDA graph capture failed ({type(e).__name__}): serving eagerly")
-            return
-        self.build_seconds = time.perf_counter() - started
-        self.ready = True
-        self.on_done(self, None)
+        self._build_and_report(self._capture_all, "CUDA graph capture failed")
 
     def _allocate(self) -> None:
         """The static inputs the graphs read, and their pinned host staging (one copy a step)."""
@@ -89,8 +70,7 @@ class CudaGraphDecode:
         self._host = torch.zeros(b, 4 + width, dtype=torch.int64, pin_memory=True)
 
     def disable(self, reason: str) -> None:
-        log.warning("CUDA graph decode disabled: %s", reason)
-        self.ready, self.failed = False, True
+        super().disable(reason)
         self._graphs.clear()
 
     def __call__(self, input_ids: list[int], positions: list[int], slots: list[int],
@@ -138,8 +118,16 @@ class CudaGraphDecode:
             query_lens_cpu=[1] * batch, seq_lens_cpu=[self.max_model_len] * batch, block_size=self.block_size)
         return self.model(self._ids[:batch], self._positions[:batch], meta, self.caches)
 
-    @torch.inference_mode()
     def _capture_all(self) -> None:
+        try:
+            self._allocate()
+            self._capture_buckets()
+        except Exception:
+            self._graphs.clear()  # a partial capture holds memory for nothing
+            raise
+
+    @torch.inference_mode()
+    def _capture_buckets(self) -> None:
         self._stage([], [], [], [])
         pool = None
         stream = torch.cuda.Stream(device=self._ids.device)

@@ -11,15 +11,12 @@ from typing import Callable
 
 import torch
 
-from picochat.engine.compiled_decode import MIN_TABLE_WIDTH, CompiledDecode
+from picochat.engine.compiled_decode import MIN_TABLE_WIDTH, CompiledDecode, FastDecodeStep
 from picochat.engine.cuda_graphs import CudaGraphDecode
 from picochat.kernels.reference import AttentionMetadata, DecodeMetadata
 from picochat.model.transformer import KVCache, Transformer
 from picochat.engine.kv_cache import KVCacheManager
 from picochat.engine.scheduler import SchedulerOutput
-
-
-DecodeStep = CompiledDecode | CudaGraphDecode
 
 
 class ModelRunner:
@@ -39,9 +36,9 @@ class ModelRunner:
         for cache in self.caches:
             cache.k[-1].zero_()
             cache.v[-1].zero_()
-        self.compiled: DecodeStep | None = None  # serves decode-only steps once ready
+        self.compiled: FastDecodeStep | None = None  # serves decode-only steps once ready
 
-    def compile_decode(self, on_done: Callable[[DecodeStep, str | None], None], attention_backend: str,
+    def compile_decode(self, on_done: Callable[[FastDecodeStep, str | None], None], attention_backend: str,
                        max_model_len: int, max_batch: int) -> bool:
         """Start building the fast decode step (replacing any earlier one): CUDA graphs over the
         Triton kernels on a GPU, the compiled step over the CPU decode attention; False where
