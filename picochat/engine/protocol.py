@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -300,3 +301,14 @@ class Engine(Protocol):
 
 def now() -> float:
     return time.perf_counter()
+
+
+# A local engine's thread gives up the GIL at every torch op and must win it back from the threads
+# reading its streams (the console's UI, the server's event loop); each win can wait out Python's
+# switch interval (5 ms by default), which delays tokens on their way out and the engine alike.
+GIL_SWITCH_INTERVAL_S = 0.0005
+
+
+def share_gil_promptly() -> None:
+    """Shorten the GIL switch interval for a process whose engine thread shares it with readers."""
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)

@@ -5,7 +5,6 @@ one line. Themes come from ``picochat.themes``; the chosen one is saved in the u
 
 from __future__ import annotations
 
-import sys
 from typing import Callable
 
 from textual import work
@@ -13,7 +12,7 @@ from textual.app import App
 from textual.binding import Binding
 
 from picochat.config import load_user_config, save_user_config
-from picochat.engine.protocol import Engine
+from picochat.engine.protocol import Engine, share_gil_promptly
 from picochat.errors import PicochatError
 from picochat.themes import DEFAULT_THEME, VARIABLE_DEFAULTS, console_css, load_themes
 from picochat.tui import transcript
@@ -26,12 +25,6 @@ from picochat.progress import ProgressFn
 
 EngineFactory = Callable[[ProgressFn], Engine]
 METRICS_INTERVAL_S = 0.5  # panels sample twice a second (as nvitop does); each sample repaints them
-# A local engine's thread gives up the GIL at every torch op and must win it back from this UI
-# thread; while the UI renders, each win can wait out Python's switch interval (5 ms by default).
-# At 0.5 ms the engine gets it back sooner.
-GIL_SWITCH_INTERVAL_S = 0.0005
-
-
 class PicochatApp(App):
     TITLE = "picochat"
     CSS = console_css()
@@ -117,7 +110,7 @@ def make_app(engine_factory: EngineFactory, *, resume: bool = False,
 def run(engine_factory: EngineFactory, *, resume: bool = False) -> None:
     """Open the console; returns when the user quits. The engine is closed on the way out."""
     app = make_app(engine_factory, resume=resume)
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    share_gil_promptly()
     try:
         app.run()
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 
 import httpx
@@ -11,8 +12,10 @@ from metrics_samples import LLAMACPP_TEXT, VLLM_TEXT
 from prometheus_client.parser import text_string_to_metric_families
 from server_live import MODEL
 
-from picochat.engine.protocol import DeviceStats, MetricsSnapshot
+from picochat.engine.protocol import Delta, DeviceStats, MetricsSnapshot, RequestTimings, Stream, now
 from picochat.remote_metrics import parse_exposition, with_counter_rates
+from picochat.server.app import _observed
+from picochat.server.prom import ServerMetrics
 
 N_WORDS = len(DEFAULT_REPLY.split(" "))
 
@@ -67,6 +70,28 @@ def test_request_histograms_move_as_requests_finish(url: str) -> None:
     assert moved("picochat:request_generation_tokens_sum") == N_WORDS + 2
     assert moved("picochat:request_success_total", (("finished_reason", "stop"),)) == 1
     assert moved("picochat:request_success_total", (("finished_reason", "length"),)) == 1
+
+
+def test_served_ttft_runs_to_the_first_token_leaving_the_server() -> None:
+    """The engine produced its first token 1 s after arrival, but the token reached the server's
+    loop 10 s after it: the histogram holds the 10 s the client waited, not the engine's 1 s."""
+    metrics = ServerMetrics(MODEL, lambda: None)
+    stream = Stream("r")
+    arrival = now() - 10.0
+    timings = RequestTimings("r", arrival=arrival, scheduled=arrival, first_token=arrival + 1.0,
+                             finished=arrival + 1.0, output_tokens=1, finish_reason="length")
+    stream._put(Delta("r", "hi", (1,)))
+    stream._put(Delta("r", "", (), finish_reason="length", timings=timings))
+
+    async def read() -> None:
+        async for _ in _observed(stream, metrics):
+            pass
+
+    asyncio.run(read())
+    families = {f.name: f for f in text_string_to_metric_families(metrics.exposition().decode())}
+    ttft = {s.name: s.value for s in families["picochat:time_to_first_token_seconds"].samples}
+    assert ttft["picochat:time_to_first_token_seconds_count"] == 1
+    assert ttft["picochat:time_to_first_token_seconds_sum"] >= 10.0
 
 
 # ------------------------------------------------------------------------ reading them back
