@@ -8,7 +8,7 @@ Both engines are loaded in one process; every prompt runs greedily with speculat
 alternating, ``--runs`` times after one warm-up. Per category it prints decode tok/s (output
 tokens after the first / time from first to last token, summed over the category's prompts;
 medians over runs), the speed-up and the draft acceptance rate, and checks that speculation left the greedy tokens unchanged. The decode step is eager in both
-engines by default (``--compile`` compiles plain decode steps; verification steps never are).
+engines by default (``--compile``: the compiled step serves plain decode and verification steps).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--compile", action="store_true", help="compile the plain decode step")
+    parser.add_argument("--compile", action="store_true", help="compile the decode step")
     parser.add_argument("--json", action="store_true", help="last stdout line: one JSON object")
     args = parser.parse_args()
 

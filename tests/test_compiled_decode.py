@@ -1,5 +1,5 @@
 """The fast decode steps on tiny models: greedy tokens equal the eager step's at batch 1 and in a
-batch of six, and the fast step really serves. On the CPU the compiled step (torch.compile, built
+batch of six, and the fast step really serves, draft verifications included. On the CPU the compiled step (torch.compile, built
 on a helper thread; bf16, int4 linears, int8 lm_head) never recompiles on the engine thread; on a
 GPU the CUDA graphs (fp32) replay every decode step."""
 
@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from picochat.config import EngineConfig, QuantConfig, SamplingParams, SchedulerConfig
+from picochat.config import EngineConfig, QuantConfig, SamplingParams, SchedulerConfig, SpecConfig
 from picochat.engine.engine import LoadedModel, LocalEngine
 from picochat.model.quantize import build_quantized_linears, swap_linears
 
@@ -22,16 +22,20 @@ PROMPTS = [[{"role": "user", "content": f"Tell me about {t}."}]
            for t in ("the sea", "a long road through the mountains", "cats", "why the sky is blue", "bread", "x")]
 
 
+def int4(loaded: LoadedModel) -> LoadedModel:
+    model = copy.deepcopy(loaded.model).to(torch.bfloat16)
+    swap_linears(model, build_quantized_linears(model, QuantConfig(mode="int4")))
+    return dataclasses.replace(loaded, model=model)
+
+
 @pytest.fixture(scope="module")
 def tiny_int4(tiny_loaded) -> LoadedModel:
-    model = copy.deepcopy(tiny_loaded.model).to(torch.bfloat16)
-    swap_linears(model, build_quantized_linears(model, QuantConfig(mode="int4")))
-    return dataclasses.replace(tiny_loaded, model=model)
+    return int4(tiny_loaded)
 
 
-def run(loaded: LoadedModel, compile: bool, device: str = "cpu", dtype: str = "bfloat16",
-        fast_step: str = "compiled") -> tuple[list[list[int]], list[int], LocalEngine]:
-    engine = LocalEngine(EngineConfig(model="tiny", dtype=dtype, compile=compile, device=device,
+def start(loaded: LoadedModel, compile: bool, device: str = "cpu", dtype: str = "bfloat16",
+          fast_step: str = "compiled", spec: SpecConfig = SpecConfig()) -> LocalEngine:
+    engine = LocalEngine(EngineConfig(model="tiny", dtype=dtype, compile=compile, device=device, spec=spec,
                                       # prefill chunks stay under the rows where int4 linears
                                       # switch to a dequantized bf16 matmul (other rounding), so
                                       # both runs prefill alike however the six are batched
@@ -44,6 +48,12 @@ def run(loaded: LoadedModel, compile: bool, device: str = "cpu", dtype: str = "b
             time.sleep(0.5)
         assert engine.decode_step == fast_step, engine.metrics().activity
         assert engine.metrics().activity is None
+    return engine
+
+
+def run(loaded: LoadedModel, compile: bool, device: str = "cpu", dtype: str = "bfloat16",
+        fast_step: str = "compiled") -> tuple[list[list[int]], list[int], LocalEngine]:
+    engine = start(loaded, compile, device, dtype, fast_step)
     try:
         alone = engine.submit(PROMPTS[0], GREEDY).result().token_ids
         batch = [s.result().token_ids for s in submit_together(engine, PROMPTS)]
@@ -83,6 +93,37 @@ def test_compiled_step_matches_eager_and_serves(tiny_int4):
     assert compiled.steps_served >= 2 * (GREEDY.max_tokens - 1)  # batch 1 and the batch of six
     assert alone == eager_alone
     assert batch == eager_batch
+
+
+@pytest.mark.slow
+def test_compiled_step_verifies_drafts(looping_loaded):
+    """With n-gram speculation, each verification runs through the compiled step as k + 1 decode
+    rows, and the greedy tokens stay those of the eager step without speculation."""
+    model = int4(looping_loaded)
+    plain = start(model, compile=False)
+    try:
+        expected = plain.submit(PROMPTS[1], GREEDY).result().token_ids
+    finally:
+        plain.close()
+    engine = start(model, compile=True, spec=SpecConfig(mode="ngram", k=3, ngram_n=2))
+    compiled = engine.runner.compiled
+    rows_per_step = []
+    fn = compiled._fn
+
+    def counted(input_ids, *args):
+        rows_per_step.append(len(input_ids))
+        return fn(input_ids, *args)
+
+    compiled._fn = counted
+    try:
+        done = engine.submit(PROMPTS[1], GREEDY).result()
+    finally:
+        engine.close()
+    assert done.token_ids == expected
+    assert done.timings.spec_steps > 0 and done.accepted_draft_tokens > 0
+    # one request alone: a step of more than one row is a verification
+    assert sum(rows > 1 for rows in rows_per_step) == done.timings.spec_steps
+    assert compiled.ready and not compiled.failed
 
 
 def test_failed_compilation_keeps_serving_eagerly(tiny_loaded, monkeypatch):

@@ -208,6 +208,35 @@ def test_ngram_speculation_keeps_greedy_output(looping_loaded, k):
         spec.close()
 
 
+@pytest.mark.parametrize("broken", ["runner", "proposer"])
+def test_a_failing_step_fails_its_requests_and_the_engine_serves_on(looping_loaded, monkeypatch, broken):
+    from picochat.config import SpecConfig
+
+    engine = LocalEngine(EngineConfig(model="tiny", spec=SpecConfig(mode="ngram", k=2, ngram_n=2)),
+                         loaded=looping_loaded)
+    try:
+        target = engine.runner if broken == "runner" else engine.proposer
+        name = "execute" if broken == "runner" else "propose"
+        working = getattr(target, name)
+        failures = []
+
+        def fails_once(work):  # the first call with something to do
+            if not failures and (broken == "runner" or work):
+                failures.append(work)
+                raise RuntimeError("a bug")
+            return working(work)
+
+        monkeypatch.setattr(target, name, fails_once)
+        failed = engine.submit(prompts()[0], GREEDY).result()
+        assert failed.finish_reason == "error" and failed.error == "internal error: RuntimeError: a bug"
+        served = engine.submit(prompts()[0], GREEDY).result()
+        assert served.error is None and len(served.token_ids) == GREEDY.max_tokens
+        wait_idle(engine)
+        assert engine.kv.num_free_blocks == engine.kv.num_blocks
+    finally:
+        engine.close()
+
+
 def test_speculation_switches_live(looping_loaded):
     from picochat.config import SpecConfig
 

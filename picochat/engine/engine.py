@@ -353,8 +353,12 @@ class LocalEngine:
             if not self.scheduler.has_work:
                 continue
             if self.proposer is not None:
-                self.proposer.propose([r for r in self.scheduler.running
-                                       if r.num_computed_tokens == r.num_tokens - 1])
+                decoding = [r for r in self.scheduler.running if r.num_computed_tokens == r.num_tokens - 1]
+                try:
+                    self.proposer.propose(decoding)
+                except Exception as e:  # a bug: fail the requests it drafted for, keep serving the rest
+                    self._fail(decoding, e)
+                    continue
             sched = self.scheduler.schedule()
             if not sched.chunks:
                 self._drain_inbox(block=True, timeout=0.005)
@@ -364,9 +368,12 @@ class LocalEngine:
                 logits, rows = self.runner.execute(sched)
                 self._process(sched, logits, rows, started)
             except Exception as e:  # a bug: fail this step's requests, keep serving the rest
-                log.error("engine step failed:\n%s", traceback.format_exc())
-                for chunk in sched.chunks:
-                    self._finish(chunk.request, "error", error=f"internal error: {type(e).__name__}: {e}")
+                self._fail([chunk.request for chunk in sched.chunks], e)
+
+    def _fail(self, requests: list[Request], e: Exception) -> None:
+        log.error("engine step failed:\n%s", traceback.format_exc())
+        for req in requests:
+            self._finish(req, "error", error=f"internal error: {type(e).__name__}: {e}")
 
     def _drain_inbox(self, block: bool, timeout: float | None = None) -> bool:
         """Apply queued commands; returns False when the engine must stop."""

@@ -3,6 +3,8 @@ flat varlen batch (input ids, positions, slot mapping, block tables) and runs th
 
 It returns logits only for the rows that sample: the last token of each chunk that reaches the
 end of its request's tokens, and — for requests with draft tokens — every verified position.
+A step with no prefill (plain decode rows and draft verifications) goes through the decode
+attention as rows of one token each, and so through the compiled step or the CUDA graphs.
 """
 
 from __future__ import annotations
@@ -63,15 +65,17 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> tuple[torch.Tensor, list[int]]:
         """Run one step. Returns (logits [R, V] fp32, rows per chunk: how many logits rows each
         chunk owns — 0 for a prefill chunk that does not sample, 1 + drafts for one that does)."""
-        if all(c.num_new_tokens == 1 and c.samples and not c.request.spec_token_ids for c in sched.chunks):
+        if all(c.samples and c.num_new_tokens == 1 + len(c.request.spec_token_ids) for c in sched.chunks):
+            rows_per_chunk = [c.num_new_tokens for c in sched.chunks]
+            rows = self._decode_rows(sched)
             compiled = self.compiled
-            if isinstance(compiled, CudaGraphDecode) and compiled.ready and len(sched.chunks) <= compiled.max_batch:
+            if isinstance(compiled, CudaGraphDecode) and compiled.ready and len(rows[0]) <= compiled.max_batch:
                 try:
-                    return compiled(*self._decode_rows(sched)), [1] * len(sched.chunks)
+                    return compiled(*rows), rows_per_chunk
                 except Exception as e:  # a step the graphs cannot hold: eager from now on
                     compiled.disable(f"{type(e).__name__}: {e}")
             if self.model.kernels.decode_attention is not None:
-                return self._execute_decode(sched), [1] * len(sched.chunks)
+                return self._execute_decode(*rows), rows_per_chunk
         bs = self.kv.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -120,22 +124,27 @@ class ModelRunner:
 
     def _decode_rows(self, sched: SchedulerOutput) -> tuple[list[int], list[int], list[int], list[list[int]]]:
         """(input ids, positions, slots, block tables) of a step of decode rows only: the next
-        token of each request, at its last position."""
+        token of each request at its last position, and for a request with k draft tokens, one row
+        per draft as well (its verification expanded into k + 1 decode rows that share the block
+        table, each seeing one position more: every layer writes the step's K/V before attending,
+        so a draft's row sees the drafts before it)."""
         bs = self.kv.block_size
         input_ids, positions, slots, tables = [], [], [], []
         for chunk in sched.chunks:
             req = chunk.request
-            pos = req.num_computed_tokens
+            start = req.num_computed_tokens
             table = self.kv.block_table(req.request_id)
-            input_ids.append(req.token_ids[pos])
-            positions.append(pos)
-            slots.append(table[pos // bs] * bs + pos % bs)
-            tables.append(table)
+            tokens = [*req.token_ids[start:], *req.spec_token_ids]
+            for pos, token in zip(range(start, start + chunk.num_new_tokens), tokens):
+                input_ids.append(token)
+                positions.append(pos)
+                slots.append(table[pos // bs] * bs + pos % bs)
+                tables.append(table)
         return input_ids, positions, slots, tables
 
-    def _execute_decode(self, sched: SchedulerOutput) -> torch.Tensor:
-        """A decode-only step over ``DecodeMetadata`` (the CPU decode attention), compiled once built."""
-        input_ids, positions, slots, tables = self._decode_rows(sched)
+    def _execute_decode(self, input_ids: list[int], positions: list[int], slots: list[int],
+                        tables: list[list[int]]) -> torch.Tensor:
+        """A step of decode rows over ``DecodeMetadata`` (the CPU decode attention), compiled once built."""
         width = max(MIN_TABLE_WIDTH, *(len(t) for t in tables))
         dev = self.device
         positions_t = torch.tensor(positions, dtype=torch.int64, device=dev)
