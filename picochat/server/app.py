@@ -102,15 +102,16 @@ async def _cancel_on_disconnect(request: Request, stream: Stream) -> None:
 
 
 async def _observed(stream: Stream, metrics: ServerMetrics) -> AsyncIterator[Delta]:
-    """The stream's deltas; the finished request goes into the metrics, its TTFT running to the
-    moment its first token reached this event loop on its way to the client (the engine's first
-    token plus the loop's wake-up), which is closer to what the client measures."""
+    """The stream's deltas; the finished request goes into the metrics with its first token and
+    its end timed when they reached this event loop on their way to the client (the engine's
+    times plus the loop's wake-up), which is closer to what the client measures."""
     first_served: float | None = None
     async for delta in stream:
         if first_served is None and delta.token_ids:
             first_served = now()
         if delta.finished and delta.timings is not None:
-            served = delta.timings if first_served is None else replace(delta.timings, first_token=first_served)
+            served = delta.timings if first_served is None else replace(
+                delta.timings, first_token=first_served, finished=now())
             metrics.observe(served)
         yield delta
 

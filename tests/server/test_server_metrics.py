@@ -92,6 +92,8 @@ def test_served_ttft_runs_to_the_first_token_leaving_the_server() -> None:
     ttft = {s.name: s.value for s in families["picochat:time_to_first_token_seconds"].samples}
     assert ttft["picochat:time_to_first_token_seconds_count"] == 1
     assert ttft["picochat:time_to_first_token_seconds_sum"] >= 10.0
+    decode = {s.name: s.value for s in families["picochat:request_decode_time_seconds"].samples}
+    assert 0.0 <= decode["picochat:request_decode_time_seconds_sum"] < 1.0  # served first token to served end
 
 
 # ------------------------------------------------------------------------ reading them back
