@@ -10,6 +10,7 @@ how its output is shown.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import itertools
 import logging
 import queue
@@ -114,6 +115,11 @@ class LocalEngine:
         self._accepted_per_pos = [0] * 16
         self._steps: deque[tuple[float, float, int, int, int]] = deque()  # (t, dur, prefill, decode, tokens)
         self._recent: deque[RequestTimings] = deque(maxlen=RECENT_REQUESTS)
+        # what is loaded now lives as long as the engine: out of the collector's reach, so that a
+        # full collection (~100 ms with torch imported, on this 2-core host) cannot stall a step or
+        # a reader (a TTFT or keystroke 20-30 ms late); garbage is collected first, not frozen
+        gc.collect()
+        gc.freeze()
         self._thread = threading.Thread(target=self._loop, name="picochat-engine", daemon=True)
         self._thread.start()
 
@@ -222,6 +228,7 @@ class LocalEngine:
             self._closed = True
             self._inbox.put(("close", None))
             self._thread.join(timeout=10)
+            gc.unfreeze()  # what was frozen at load can be collected again (and at exit)
 
     # ------------------------------------------------------------------------------ helpers
     def weight_bytes(self) -> int:
