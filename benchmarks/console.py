@@ -117,7 +117,8 @@ def engine_flags(args: argparse.Namespace) -> list[str]:
 def set_sampling(term: Terminal, command: str, hint: str, value: str, shown: str, attempts: int = 3) -> None:
     """Run ``sampling: <command>`` from the command palette, as a user would, and wait for
     ``shown`` in the status bar. The palette filters as it is typed, so Enter can land on the
-    entry highlighted a moment earlier: a wrong dialog is closed and the command typed again."""
+    entry highlighted a moment earlier, and keys can reach the dialog before its input has focus:
+    a wrong or empty dialog is closed and the command typed again."""
     for _ in range(attempts):
         term.keys("C-p")
         term.wait_for(r"🔎|Search", "the command palette", timeout_s=30)
@@ -127,14 +128,15 @@ def set_sampling(term: Terminal, command: str, hint: str, value: str, shown: str
         term.keys("Enter")
         try:
             term.wait_for(re.escape(hint), f"the {command} dialog", timeout_s=10)
+            time.sleep(0.3)  # the dialog's input takes focus
+            term.keys("C-u")
+            term.keys(value, literal=True)
+            # keys typed before the input had focus are lost: then the dialog is closed and retried
+            term.wait_for(rf"▊\s+{re.escape(value)}\s", f"{value} in the dialog", timeout_s=10)
         except SystemExit:
             term.keys("Escape")
             time.sleep(0.5)
             continue
-        time.sleep(0.3)  # the dialog's input takes focus
-        term.keys("C-u")
-        term.keys(value, literal=True)
-        term.wait_for(rf"▊\s+{re.escape(value)}\s", f"{value} in the dialog", timeout_s=10)
         term.keys("Enter")
         term.wait_for(re.escape(shown), f"{shown} in the status bar", timeout_s=30)
         return
