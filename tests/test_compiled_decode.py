@@ -1,7 +1,7 @@
 """The fast decode steps on tiny models: greedy tokens equal the eager step's at batch 1 and in a
-batch of six, and the fast step really serves, draft verifications included. On the CPU the compiled step (torch.compile, built
-on a helper thread; bf16, int4 linears, int8 lm_head) never recompiles on the engine thread; on a
-GPU the CUDA graphs (fp32) replay every decode step."""
+batch of six, and the fast step really serves, draft verifications included. On the CPU the
+compiled step (torch.compile, built on a helper thread; bf16, int4 linears, int8 lm_head) never
+recompiles on the engine thread; on a GPU the CUDA graphs (fp32) replay every decode step."""
 
 from __future__ import annotations
 
