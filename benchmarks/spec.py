@@ -3,12 +3,14 @@ input-grounded prompts (rewrite, summarise or edit a given text or code) and ope
 
     python benchmarks/spec.py                                # default model, bf16, eager steps
     python benchmarks/spec.py --quant int4 --runs 3 --max-tokens 128 --json
+    python benchmarks/spec.py --device cuda --compile      # on a GPU, over the CUDA graphs
 
 Both engines are loaded in one process; every prompt runs greedily with speculation off and on,
 alternating, ``--runs`` times after one warm-up. Per category it prints decode tok/s (output
 tokens after the first / time from first to last token, summed over the category's prompts;
 medians over runs), the speed-up and the draft acceptance rate, and checks that speculation left the greedy tokens unchanged. The decode step is eager in both
-engines by default (``--compile``: the compiled step serves plain decode and verification steps).
+engines by default (``--compile``: the compiled step, or the CUDA graphs with ``--device cuda``,
+serves plain decode and verification steps).
 """
 
 from __future__ import annotations
@@ -68,13 +70,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--compile", action="store_true", help="compile the decode step")
+    parser.add_argument("--compile", action="store_true",
+                        help="the fast decode step: compiled on the CPU, CUDA graphs on a GPU")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--json", action="store_true", help="last stdout line: one JSON object")
     args = parser.parse_args()
 
     def engine(spec: SpecConfig) -> LocalEngine:
         return LocalEngine(EngineConfig(model=args.model, dtype=args.dtype, threads=args.threads,
-                                        quant=QuantConfig(mode=args.quant), spec=spec, compile=args.compile))
+                                        quant=QuantConfig(mode=args.quant), spec=spec, compile=args.compile,
+                                        device=args.device))
 
     engines = {"off": engine(SpecConfig()), "ngram": engine(SpecConfig(mode="ngram", k=args.k, ngram_n=args.ngram))}
     for e in engines.values():

@@ -108,18 +108,20 @@ def sampling_params(opts: dict) -> SamplingParams:
 
 
 def start_engine(config: EngineConfig, quiet: bool = False):
-    """Load the model with a progress line on stderr."""
+    """Load the model, with a progress line on stderr where it is a terminal."""
     from picochat.engine.engine import LocalEngine
 
-    def progress(description: str, fraction: float | None) -> None:
-        if not quiet:
-            pct = f" {fraction * 100:5.1f}%" if fraction is not None else ""
-            print(f"\r\033[K{description}{pct}", end="", file=sys.stderr, flush=True)
+    if quiet or not sys.stderr.isatty():  # no carriage-return progress in a log or a pipe
+        return LocalEngine(config)
 
-    engine = LocalEngine(config, progress=progress)
-    if not quiet:
+    def progress(description: str, fraction: float | None) -> None:
+        pct = f" {fraction * 100:5.1f}%" if fraction is not None else ""
+        print(f"\r\033[K{description}{pct}", end="", file=sys.stderr, flush=True)
+
+    try:
+        return LocalEngine(config, progress=progress)
+    finally:  # cleared before the first token, or before the one-line error of a failed load
         print("\r\033[K", end="", file=sys.stderr, flush=True)
-    return engine
 
 
 # ------------------------------------------------------------------------------------- commands

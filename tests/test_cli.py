@@ -36,6 +36,7 @@ def test_generate_json_on_the_default_model(default_gguf_path):
     (["generate", "--messages", "/nonexistent.json"], "no such file"),
     (["bench", "--input-len", "9:3"], "MIN <= MAX"),
     (["models", "fetch", "no-such-model"], "no-such-model"),
+    (["generate", "hi", "--kv-cache-mb", "100000000", "--no-compile"], "does not fit the"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message):
     out = picochat(*args)

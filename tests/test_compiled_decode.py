@@ -35,20 +35,28 @@ def tiny_int4(tiny_loaded) -> LoadedModel:
 
 def start(loaded: LoadedModel, compile: bool, device: str = "cpu", dtype: str = "bfloat16",
           fast_step: str = "compiled", spec: SpecConfig = SpecConfig()) -> LocalEngine:
-    engine = LocalEngine(EngineConfig(model="tiny", dtype=dtype, compile=compile, device=device, spec=spec,
-                                      # prefill chunks stay under the rows where int4 linears
-                                      # switch to a dequantized bf16 matmul (other rounding), so
-                                      # both runs prefill alike however the six are batched
-                                      scheduler=SchedulerConfig(max_num_seqs=6, max_num_batched_tokens=64)),
-                         loaded=dataclasses.replace(loaded, model=copy.deepcopy(loaded.model)))
+    engine = build(loaded, compile, device, dtype, spec)
     if compile:
-        deadline = time.monotonic() + 900
-        while engine.decode_step == "compiling":
-            assert time.monotonic() < deadline, "compilation did not finish"
-            time.sleep(0.5)
-        assert engine.decode_step == fast_step, engine.metrics().activity
-        assert engine.metrics().activity is None
+        wait_for_fast_step(engine, fast_step)
     return engine
+
+
+def build(loaded: LoadedModel, compile: bool, device: str, dtype: str, spec: SpecConfig = SpecConfig()) -> LocalEngine:
+    return LocalEngine(EngineConfig(model="tiny", dtype=dtype, compile=compile, device=device, spec=spec,
+                                    # prefill chunks stay under the rows where int4 linears
+                                    # switch to a dequantized bf16 matmul (other rounding), so
+                                    # both runs prefill alike however the six are batched
+                                    scheduler=SchedulerConfig(max_num_seqs=6, max_num_batched_tokens=64)),
+                       loaded=dataclasses.replace(loaded, model=copy.deepcopy(loaded.model)))
+
+
+def wait_for_fast_step(engine: LocalEngine, fast_step: str) -> None:
+    deadline = time.monotonic() + 900
+    while engine.decode_step == "compiling":
+        assert time.monotonic() < deadline, "compilation did not finish"
+        time.sleep(0.5)
+    assert engine.decode_step == fast_step, engine.metrics().activity
+    assert engine.metrics().activity is None
 
 
 def run(loaded: LoadedModel, compile: bool, device: str = "cpu", dtype: str = "bfloat16",
@@ -96,34 +104,45 @@ def test_compiled_step_matches_eager_and_serves(tiny_int4):
 
 
 @pytest.mark.slow
-def test_compiled_step_verifies_drafts(looping_loaded):
-    """With n-gram speculation, each verification runs through the compiled step as k + 1 decode
-    rows, and the greedy tokens stay those of the eager step without speculation."""
-    model = int4(looping_loaded)
-    plain = start(model, compile=False)
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                           reason="needs a CUDA GPU")])])
+def test_fast_step_verifies_drafts(looping_loaded, device):
+    """With n-gram speculation, each verification runs through the fast step (compiled on the
+    CPU, int4 bf16; CUDA graphs on a GPU, fp32) as k + 1 decode rows, and the greedy tokens stay
+    those of the eager step without speculation."""
+    if device == "cpu":
+        model, dtype, fast_step = int4(looping_loaded), "bfloat16", "compiled"
+    else:
+        model, dtype, fast_step = looping_loaded, "float32", "cuda graphs"
+    plain = start(model, compile=False, device=device, dtype=dtype)
     try:
         expected = plain.submit(PROMPTS[1], GREEDY).result().token_ids
     finally:
         plain.close()
-    engine = start(model, compile=True, spec=SpecConfig(mode="ngram", k=3, ngram_n=2))
-    compiled = engine.runner.compiled
+    engine = start(model, compile=True, device=device, dtype=dtype, fast_step=fast_step,
+                   spec=SpecConfig(mode="ngram", k=3, ngram_n=2))
     rows_per_step = []
-    fn = compiled._fn
+    decode_rows = engine.runner._decode_rows
 
-    def counted(input_ids, *args):
-        rows_per_step.append(len(input_ids))
-        return fn(input_ids, *args)
+    def counted(sched):
+        rows = decode_rows(sched)
+        rows_per_step.append(len(rows[0]))
+        return rows
 
-    compiled._fn = counted
+    engine.runner._decode_rows = counted
     try:
         done = engine.submit(PROMPTS[1], GREEDY).result()
     finally:
         engine.close()
     assert done.token_ids == expected
     assert done.timings.spec_steps > 0 and done.accepted_draft_tokens > 0
-    # one request alone: a step of more than one row is a verification
+    # one request alone: a step of more than one row is a verification, and the fast step served
+    # every step after the prefill
     assert sum(rows > 1 for rows in rows_per_step) == done.timings.spec_steps
-    assert compiled.ready and not compiled.failed
+    fast = engine.runner.compiled
+    assert fast.steps_served == len(rows_per_step)
+    assert fast.ready and not fast.failed
 
 
 def test_failed_compilation_keeps_serving_eagerly(tiny_loaded, monkeypatch):
@@ -155,6 +174,24 @@ def test_cuda_graphs_match_eager_and_serve(tiny_loaded):
     assert graphs.steps_served >= 2 * (GREEDY.max_tokens - 1)  # batch 1 and the batch of six
     assert alone == eager_alone
     assert batch == eager_batch
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_engines_built_together_both_capture_their_graphs(tiny_loaded):
+    """Two engines of one process built at once (a benchmark's pair) both replay CUDA graphs:
+    entering a capture synchronizes the device, which fails while the other engine captures."""
+    engines = [build(tiny_loaded, compile=True, device="cuda", dtype="float32") for _ in range(2)]
+    try:
+        for engine in engines:
+            wait_for_fast_step(engine, "cuda graphs")
+        for engine in engines:
+            done = engine.submit(PROMPTS[0], GREEDY).result()
+            assert done.error is None and len(done.token_ids) == GREEDY.max_tokens
+            assert engine.runner.compiled.steps_served == GREEDY.max_tokens - 1
+    finally:
+        for engine in engines:
+            engine.close()
 
 
 def test_compile_left_unset_builds_no_cpu_step(tiny_loaded):

@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from tiny_models import wait_idle
 
@@ -166,6 +167,22 @@ def test_bad_input_is_rejected_with_one_line(tiny_loaded):
         assert engine.submit(prompts()[4], GREEDY).result().finish_reason == "length"
     finally:
         engine.close()
+
+
+def test_a_kv_cache_beyond_memory_is_one_line(tiny_loaded, monkeypatch):
+    with pytest.raises(ConfigError, match=r"a KV cache of \d+ MiB does not fit the \d+ MiB of cpu: lower --kv-cache-mb"):
+        make_engine(tiny_loaded, kv_cache_memory_mb=100_000_000)  # 100 TB
+    # a budget the host holds in total but not free now: the allocation's failure, in one line
+    empty = torch.empty
+
+    def no_memory(*args, **kwargs):
+        if len(args) == 1 and isinstance(args[0], tuple) and len(args[0]) == 4:  # the runner's KV caches
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes")
+        return empty(*args, **kwargs)
+
+    monkeypatch.setattr("picochat.engine.runner.torch.empty", no_memory)
+    with pytest.raises(ConfigError, match=r"out of host memory for a KV cache of \d+ MiB on cpu: .*--kv-cache-mb"):
+        make_engine(tiny_loaded, kv_cache_memory_mb=64)
 
 
 def test_many_submitters_queue_safely(tiny_loaded):

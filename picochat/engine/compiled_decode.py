@@ -39,8 +39,8 @@ def inductor_cache_dir() -> str:
 
 class FastDecodeStep:
     """What the compiled step and the CUDA graphs share: built once by :meth:`start`, then
-    :attr:`ready` until a step they cannot serve :meth:`disable`\ s them for good; ``on_done(self,
-    None or a one-line error)`` reports the build's end."""
+    :attr:`ready` until a step they cannot serve turns them off for good (:meth:`disable`);
+    ``on_done(self, None or a one-line error)`` reports the build's end."""
 
     kind = "fast decode step"
 

@@ -10,13 +10,14 @@ handed out by the scheduler), so they stay finite and touch no request's cache.
 
 The paged decode attention kernel sizes its key splits from host data; the graphs are captured
 with every context at the engine's longest length, so one graph serves any context (empty splits
-exit at once). Capture runs on the engine thread while it is idle; a failure leaves the eager
-step serving. The graphs hold the model's weights and the KV pool: capture anew after swapping
-weights. Same interface as :class:`~picochat.engine.compiled_decode.CompiledDecode`.
+exit at once). Capture runs on the engine thread while it is idle, one engine of the process at
+a time; a failure leaves the eager step serving. The graphs hold the model's weights and the KV
+pool: capture anew after swapping weights. Same interface as :class:`~picochat.engine.compiled_decode.CompiledDecode`.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 import torch
@@ -24,6 +25,10 @@ import torch
 from picochat.engine.compiled_decode import FastDecodeStep
 from picochat.kernels.reference import AttentionMetadata
 from picochat.model.transformer import KVCache, Transformer
+
+# Entering a capture synchronizes the device, which fails while another thread captures: the
+# engines of one process (a benchmark's pair, each on its own thread) capture one at a time.
+CAPTURE_LOCK = threading.Lock()
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -121,7 +126,8 @@ class CudaGraphDecode(FastDecodeStep):
     def _capture_all(self) -> None:
         try:
             self._allocate()
-            self._capture_buckets()
+            with CAPTURE_LOCK:
+                self._capture_buckets()
         except Exception:
             self._graphs.clear()  # a partial capture holds memory for nothing
             raise

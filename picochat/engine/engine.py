@@ -9,6 +9,7 @@ how its output is shown.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import itertools
@@ -71,6 +72,18 @@ def load_model(config: EngineConfig, device: torch.device, progress: ProgressFn 
     return LoadedModel(name, model, tokenizer, resolved.path)
 
 
+@contextlib.contextmanager
+def fits_in_memory(device: torch.device, what: str, remedy: str):
+    """An allocation of ``what`` that ``device`` cannot hold becomes a one-line ConfigError."""
+    try:
+        yield
+    except RuntimeError as e:  # torch.OutOfMemoryError, CUDA's "out of memory", the CPU allocator's
+        if not any(s in str(e) for s in ("out of memory", "can't allocate memory")):
+            raise
+        where = "GPU" if device.type == "cuda" else "host"
+        raise ConfigError(f"out of {where} memory for {what} on {device}: {remedy}") from None
+
+
 class LocalEngine:
     def __init__(self, config: EngineConfig, progress: ProgressFn | None = None,
                  loaded: LoadedModel | None = None):
@@ -81,10 +94,11 @@ class LocalEngine:
             "cuda" if config.device == "auto" and torch.cuda.is_available() else
             ("cpu" if config.device == "auto" else config.device))
         self.dtype = DTYPES[config.dtype]
-        loaded = loaded or load_model(config, self.device, progress)
+        with fits_in_memory(self.device, "the model's weights", "free memory or pick --quant int4"):
+            loaded = loaded or load_model(config, self.device, progress)
+            self.model = loaded.model.to(self.device)  # a no-op for load_model's; a handed-in model moves
         self.model_name = loaded.name
         self.model_path = loaded.path
-        self.model = loaded.model.to(self.device)  # a no-op for load_model's; a handed-in model moves
         self.tokenizer = loaded.tokenizer
         mcfg = self.model.config
         self.max_model_len = min(config.max_model_len or mcfg.max_position_embeddings,
@@ -97,7 +111,9 @@ class LocalEngine:
         self.kv = KVCacheManager(self._num_kv_blocks(sched_cfg), sched_cfg.block_size,
                                  sched_cfg.enable_prefix_caching)
         self.scheduler = Scheduler(sched_cfg, self.kv)
-        self.runner = ModelRunner(self.model, self.kv, self.dtype, self.device)
+        kv_mib = self.kv.num_blocks * ModelRunner.kv_bytes_per_block(mcfg, sched_cfg.block_size, self.dtype) >> 20
+        with fits_in_memory(self.device, f"a KV cache of {kv_mib} MiB", "free memory or lower --kv-cache-mb"):
+            self.runner = ModelRunner(self.model, self.kv, self.dtype, self.device)
         self.outputs = OutputProcessor(self.tokenizer)
         self.proposer = make_proposer(config.spec, self._proposer_target())
         # built once the loop has been idle a moment, so it never slows the requests of a start
@@ -270,22 +286,37 @@ class LocalEngine:
             raise ConfigError(str(e)) from None
 
     def _num_kv_blocks(self, cfg: SchedulerConfig) -> int:
-        if cfg.num_kv_blocks is not None:
-            return cfg.num_kv_blocks
         per_block = ModelRunner.kv_bytes_per_block(self.model.config, cfg.block_size, self.dtype)
-        if cfg.kv_cache_memory_mb is not None:
-            budget = cfg.kv_cache_memory_mb << 20
-        elif self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = int(free * 0.5)
+        if cfg.num_kv_blocks is not None:
+            blocks = cfg.num_kv_blocks
+        else:
+            budget = self._kv_budget(cfg, per_block)
+            blocks = budget // per_block
+            if blocks < 1:
+                raise ConfigError(f"KV cache budget of {budget >> 20} MiB holds no block of {per_block} bytes")
+        if self.device.type == "cuda":
+            total = torch.cuda.mem_get_info(self.device)[1]
         else:
             import psutil
-            budget = min(1 << 30, psutil.virtual_memory().available // 10)
-            budget = max(budget, per_block * (self.max_model_len // cfg.block_size + 1))
-        blocks = budget // per_block
-        if blocks < 1:
-            raise ConfigError(f"KV cache budget of {budget >> 20} MiB holds no block of {per_block} bytes")
+            total = psutil.virtual_memory().total
+        if blocks * per_block > total:  # the pool's bookkeeping alone would exhaust the host
+            raise ConfigError(f"a KV cache of {blocks * per_block >> 20} MiB does not fit the "
+                              f"{total >> 20} MiB of {self.device}: lower --kv-cache-mb")
         return int(blocks)
+
+    def _kv_budget(self, cfg: SchedulerConfig, per_block: int) -> int:
+        """Bytes for the KV pool: the configured budget, else sized from the device's free memory."""
+        if cfg.kv_cache_memory_mb is not None:
+            return cfg.kv_cache_memory_mb << 20
+        if self.device.type == "cuda":
+            # half the free memory, at most what holds every sequence at full length twice over
+            # (the rest of the pool would only keep prefixes, and a small model needs no 40 GB)
+            free, _ = torch.cuda.mem_get_info(self.device)
+            full = per_block * -(-self.max_model_len // cfg.block_size) * cfg.max_num_seqs
+            return min(int(free * 0.5), 2 * full)
+        import psutil
+        budget = min(1 << 30, psutil.virtual_memory().available // 10)
+        return max(budget, per_block * (self.max_model_len // cfg.block_size + 1))
 
     @property
     def decode_step(self) -> str:
