@@ -185,6 +185,29 @@ def test_a_kv_cache_beyond_memory_is_one_line(tiny_loaded, monkeypatch):
         make_engine(tiny_loaded, kv_cache_memory_mb=64)
 
 
+def test_eager_decode_steps_run_on_the_decode_thread_count(tiny_loaded):
+    """Prefill steps use ``threads``; eager decode steps use ``decode_threads``, by default one
+    for a model this small, and the thread count is restored after each."""
+    engine = LocalEngine(EngineConfig(model="tiny", threads=2, compile=False), loaded=tiny_loaded)
+    steps = []  # (rows, torch threads inside the forward)
+    forward = engine.model.forward
+
+    def spy(input_ids, *args):
+        steps.append((len(input_ids), torch.get_num_threads()))
+        return forward(input_ids, *args)
+
+    engine.model.forward = spy
+    try:
+        done = engine.submit(list(range(100, 140)), SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
+        assert len(done.result().token_ids) == 6
+    finally:
+        engine.close()
+    assert steps[0] == (40, 2)  # the prompt
+    assert steps[1:] == [(1, 1)] * 5  # decode rows
+    with pytest.raises(ConfigError, match="decode_threads"):
+        EngineConfig(decode_threads=0).validate()
+
+
 def test_many_submitters_queue_safely(tiny_loaded):
     engine = make_engine(tiny_loaded, max_num_seqs=2)
     try:

@@ -225,9 +225,12 @@ def test_broken_template_and_missing_files_are_user_errors(hf_dir: Path, tmp_pat
 @pytest.mark.parametrize("pre", ["llama-bpe", "qwen2"])
 def test_split_regexes_match_transformers_gguf_loader(pre: str) -> None:
     mapping = pytest.importorskip("transformers.integrations.gguf.gguf_tokenizer_mapping")
+    splits = getattr(mapping, "GGUF_PRE_TOKENIZER_SPLITS", None)
+    if splits is None:  # transformers 5.17 (seen on a GPU box) has no such table
+        pytest.skip("this transformers has no GGUF_PRE_TOKENIZER_SPLITS table to compare with")
     theirs = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(mapping.GGUF_PRE_TOKENIZER_SPLITS[pre]), behavior="isolated"),
+            pre_tokenizers.Split(Regex(splits[pre]), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )

@@ -113,7 +113,7 @@ class LocalEngine:
         self.scheduler = Scheduler(sched_cfg, self.kv)
         kv_mib = self.kv.num_blocks * ModelRunner.kv_bytes_per_block(mcfg, sched_cfg.block_size, self.dtype) >> 20
         with fits_in_memory(self.device, f"a KV cache of {kv_mib} MiB", "free memory or lower --kv-cache-mb"):
-            self.runner = ModelRunner(self.model, self.kv, self.dtype, self.device)
+            self.runner = ModelRunner(self.model, self.kv, self.dtype, self.device, self._decode_threads())
         self.outputs = OutputProcessor(self.tokenizer)
         self.proposer = make_proposer(config.spec, self._proposer_target())
         # built once the loop has been idle a moment, so it never slows the requests of a start
@@ -303,6 +303,15 @@ class LocalEngine:
             raise ConfigError(f"a KV cache of {blocks * per_block >> 20} MiB does not fit the "
                               f"{total >> 20} MiB of {self.device}: lower --kv-cache-mb")
         return int(blocks)
+
+    def _decode_threads(self) -> int | None:
+        """Threads of an eager decode step on a CPU (see ``EngineConfig.decode_threads``)."""
+        if self.device.type != "cpu":
+            return None
+        if self.config.decode_threads is not None:
+            return self.config.decode_threads
+        from picochat.model.quantize import weight_bytes
+        return 1 if weight_bytes(self.model) < 1 << 30 else None
 
     def _kv_budget(self, cfg: SchedulerConfig, per_block: int) -> int:
         """Bytes for the KV pool: the configured budget, else sized from the device's free memory."""

@@ -22,8 +22,10 @@ from picochat.engine.scheduler import SchedulerOutput
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, kv: KVCacheManager, dtype: torch.dtype, device: torch.device):
+    def __init__(self, model: Transformer, kv: KVCacheManager, dtype: torch.dtype, device: torch.device,
+                 decode_threads: int | None = None):
         self.model = model
+        self.decode_threads = decode_threads  # torch threads of an eager decode step; None: unchanged
         self.kv = kv
         self.device = device
         cfg = model.config
@@ -159,4 +161,9 @@ class ModelRunner:
                 return compiled(ids, positions_t, meta, self.caches)
             except Exception as e:  # a shape or state the graphs were not built for
                 compiled.disable(f"{type(e).__name__}: {e}")
-        return self.model(ids, positions_t, meta, self.caches)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.decode_threads or threads)
+        try:
+            return self.model(ids, positions_t, meta, self.caches)
+        finally:
+            torch.set_num_threads(threads)
