@@ -12,7 +12,8 @@ The paged decode attention kernel sizes its key splits from host data; the graph
 with every context at the engine's longest length, so one graph serves any context (empty splits
 exit at once). Capture runs on the engine thread while it is idle, one engine of the process at
 a time; a failure leaves the eager step serving. The graphs hold the model's weights and the KV
-pool: capture anew after swapping weights. Same interface as :class:`~picochat.engine.compiled_decode.CompiledDecode`.
+pool: capture anew after swapping weights. Same interface as
+:class:`~picochat.engine.compiled_decode.CompiledDecode`.
 """
 
 from __future__ import annotations
