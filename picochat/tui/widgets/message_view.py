@@ -10,9 +10,10 @@ only the last Markdown block is re-parsed and nothing flickers.
 
 from __future__ import annotations
 
+from markdown_it import MarkdownIt
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical
-from rich.text import Text
 from textual.widgets import Label, Markdown, Static
 from textual.widgets.markdown import MarkdownStream
 
@@ -70,7 +71,9 @@ class MessageView(Vertical):
 
     def compose(self) -> ComposeResult:
         yield Label("You" if self.role == "user" else "Assistant", classes="role")
-        yield Markdown(self._text)
+        # one parser for the reply's life: Markdown.append builds a new one (0.4 ms) per chunk otherwise
+        parser = MarkdownIt("gfm-like")
+        yield Markdown(self._text, parser_factory=lambda: parser)
         yield Static(classes="drafts")
         stats = Label(self._stats, classes="stats")
         stats.display = bool(self._stats)
