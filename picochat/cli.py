@@ -36,8 +36,8 @@ ENGINE_OPTIONS = {
     "attention": (str, typer.Option("--attention", help="auto | triton | sdpa | reference."), "auto"),
     "threads": (Optional[int], typer.Option("--threads", help="torch CPU threads (default: all cores)."), None),
     "decode_threads": (Optional[int], typer.Option(
-        "--decode-threads", help="Threads of an eager CPU decode step (default: 1 for weights under 1 GiB, "
-                                 "where fewer threads decode faster; else --threads)."), None),
+        "--decode-threads", help="Threads of an eager one-row CPU decode step (default: 1 for weights "
+                                 "under 1 GiB, where fewer threads decode faster; else --threads)."), None),
     "compile": (Optional[bool], typer.Option("--compile/--no-compile",
                 help="Build the fast decode step in the background: torch.compile on a CPU, CUDA graphs on "
                      "a GPU (default: on for serve, bench and generate unless PICOCHAT_COMPILE=0; "

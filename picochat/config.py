@@ -151,9 +151,10 @@ class EngineConfig:
     dtype: DType = "float32"
     device: str = "auto"  # auto → cuda if available else cpu
     threads: int | None = None  # torch intra-op threads; None → physical cores
-    # threads of a decode step served eagerly on a CPU (llama.cpp's -t beside -tb). Such a step
-    # is ~330 small dispatches; on the 2-core host one thread decoded 1.0-2.5x as fast as two
-    # (fp32, bf16, int4; batch 1 and 8), same tokens. None → 1 for weights under 1 GiB, else threads
+    # threads of a one-row decode step served eagerly on a CPU (llama.cpp's -t beside -tb): ~330
+    # small dispatches, which on the 2-core host one thread ran 1.05-2.5x as fast as two (fp32,
+    # bf16, int4; same tokens). Steps of more rows keep threads (bf16 at 8 rows: 60 vs 73 tok/s
+    # on one thread). None → 1 for weights under 1 GiB, else threads
     decode_threads: int | None = None
     attention: AttentionBackend = "auto"
     max_model_len: int | None = None  # None → the model's context length

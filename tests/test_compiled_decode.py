@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import threading
 import time
 
 import pytest
@@ -16,6 +15,7 @@ import torch
 from picochat.config import EngineConfig, QuantConfig, SamplingParams, SchedulerConfig, SpecConfig
 from picochat.engine.engine import LoadedModel, LocalEngine
 from picochat.model.quantize import build_quantized_linears, swap_linears
+from tiny_models import submit_together
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
 PROMPTS = [[{"role": "user", "content": f"Tell me about {t}."}]
@@ -64,32 +64,10 @@ def run(loaded: LoadedModel, compile: bool, device: str = "cpu", dtype: str = "b
     engine = start(loaded, compile, device, dtype, fast_step)
     try:
         alone = engine.submit(PROMPTS[0], GREEDY).result().token_ids
-        batch = [s.result().token_ids for s in submit_together(engine, PROMPTS)]
+        batch = [s.result().token_ids for s in submit_together(engine, PROMPTS, GREEDY)]
     finally:
         engine.close()
     return batch, alone, engine
-
-
-def submit_together(engine: LocalEngine, prompts: list) -> list:
-    """Submit while the engine thread is held in a no-op reconfigure, so it takes all of them in
-    one drain and every run batches them alike, whatever the host's timing (in bf16 a request's
-    tokens depend on which rows it shared its steps with)."""
-    held, release = threading.Event(), threading.Event()
-    apply = engine._apply_changes
-
-    def hold(changes):
-        held.set()
-        release.wait(60)
-        apply(changes)
-
-    engine._apply_changes = hold
-    try:
-        engine.reconfigure(max_num_seqs=engine.config.scheduler.max_num_seqs)
-        assert held.wait(60), "the engine did not take the reconfigure"
-        return [engine.submit(p, GREEDY) for p in prompts]
-    finally:
-        release.set()
-        engine._apply_changes = apply
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from tiny_models import wait_idle
+from tiny_models import submit_together, wait_idle
 
 from picochat.config import EngineConfig, SamplingParams, SchedulerConfig
 from picochat.engine.engine import LoadedModel, LocalEngine
@@ -185,9 +185,9 @@ def test_a_kv_cache_beyond_memory_is_one_line(tiny_loaded, monkeypatch):
         make_engine(tiny_loaded, kv_cache_memory_mb=64)
 
 
-def test_eager_decode_steps_run_on_the_decode_thread_count(tiny_loaded):
-    """Prefill steps use ``threads``; eager decode steps use ``decode_threads``, by default one
-    for a model this small, and the thread count is restored after each."""
+def test_one_row_eager_decode_steps_run_on_the_decode_thread_count(tiny_loaded):
+    """Prefill steps and decode steps of several rows use ``threads``; an eager decode step of one
+    row uses ``decode_threads``, by default one for a model this small; the count is restored."""
     engine = LocalEngine(EngineConfig(model="tiny", threads=2, compile=False), loaded=tiny_loaded)
     steps = []  # (rows, torch threads inside the forward)
     forward = engine.model.forward
@@ -197,13 +197,16 @@ def test_eager_decode_steps_run_on_the_decode_thread_count(tiny_loaded):
         return forward(input_ids, *args)
 
     engine.model.forward = spy
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     try:
-        done = engine.submit(list(range(100, 140)), SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
-        assert len(done.result().token_ids) == 6
+        assert len(engine.submit(list(range(100, 140)), params).result().token_ids) == 6
+        assert steps == [(40, 2)] + [(1, 1)] * 5  # the prompt, then one decode row a step
+        steps.clear()
+        pair = submit_together(engine, [list(range(200 + i, 220 + i)) for i in range(2)], params)
+        assert all(len(s.result().token_ids) == 6 for s in pair)
     finally:
         engine.close()
-    assert steps[0] == (40, 2)  # the prompt
-    assert steps[1:] == [(1, 1)] * 5  # decode rows
+    assert steps == [(40, 2)] + [(2, 2)] * 5  # both prompts, then both decoded side by side
     with pytest.raises(ConfigError, match="decode_threads"):
         EngineConfig(decode_threads=0).validate()
 

@@ -3,10 +3,12 @@ tests that need the engine's real behaviour in seconds."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import torch
 
+from picochat.config import SamplingParams
 from picochat.engine.engine import LoadedModel, LocalEngine
 from picochat.model.config import ModelConfig
 from picochat.model.tokenizer import Tokenizer
@@ -36,3 +38,25 @@ def wait_idle(engine: LocalEngine, timeout_s: float = 5.0) -> None:
             return
         time.sleep(0.01)
     raise AssertionError("engine did not go idle")
+
+
+def submit_together(engine: LocalEngine, prompts: list, params: SamplingParams) -> list:
+    """Submit while the engine thread is held in a no-op reconfigure, so it takes all of them in
+    one drain and every run batches them alike, whatever the host's timing (in bf16 a request's
+    tokens depend on which rows it shared its steps with)."""
+    held, release = threading.Event(), threading.Event()
+    apply = engine._apply_changes
+
+    def hold(changes):
+        held.set()
+        release.wait(60)
+        apply(changes)
+
+    engine._apply_changes = hold
+    try:
+        engine.reconfigure(max_num_seqs=engine.config.scheduler.max_num_seqs)
+        assert held.wait(60), "the engine did not take the reconfigure"
+        return [engine.submit(p, params) for p in prompts]
+    finally:
+        release.set()
+        engine._apply_changes = apply

@@ -25,7 +25,7 @@ class ModelRunner:
     def __init__(self, model: Transformer, kv: KVCacheManager, dtype: torch.dtype, device: torch.device,
                  decode_threads: int | None = None):
         self.model = model
-        self.decode_threads = decode_threads  # torch threads of an eager decode step; None: unchanged
+        self.decode_threads = decode_threads  # torch threads of an eager one-row decode step; None: unchanged
         self.kv = kv
         self.device = device
         cfg = model.config
@@ -162,7 +162,7 @@ class ModelRunner:
             except Exception as e:  # a shape or state the graphs were not built for
                 compiled.disable(f"{type(e).__name__}: {e}")
         threads = torch.get_num_threads()
-        torch.set_num_threads(self.decode_threads or threads)
+        torch.set_num_threads(self.decode_threads if self.decode_threads and len(input_ids) == 1 else threads)
         try:
             return self.model(ids, positions_t, meta, self.caches)
         finally:
