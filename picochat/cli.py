@@ -165,9 +165,9 @@ def _run_console(opts: dict, resume: bool, plain: bool, system: str | None = Non
         # 2-core box delayed the first reply by 15-20 s for the minutes the build takes
         config = dataclasses.replace(engine_config(opts), compile=opts["compile"])
 
-        def factory(progress=None):
-            from picochat.engine.engine import LocalEngine
-            return LocalEngine(config, progress=progress)
+        def factory(progress=None):  # in a process of its own: the UI's Python never holds up a step
+            from picochat.engine.process import EngineProcess
+            return EngineProcess(config, progress=progress)
     if plain:
         from picochat.tui.plain import run_plain
         engine = factory()

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, Union
+from typing import Callable, Literal, Protocol, Union
 
 from picochat.config import SamplingParams
 
@@ -125,7 +125,7 @@ class Stream:
     """The deltas of one request, readable from a thread (``for d in stream``) or from asyncio
     (``async for d in stream``). The engine thread calls ``_put``; readers never block it."""
 
-    def __init__(self, request_id: str, canceller: "callable[[str], None] | None" = None):
+    def __init__(self, request_id: str, canceller: Callable[[str], None] | None = None):
         self.request_id = request_id
         self._queue: queue.SimpleQueue[Delta] = queue.SimpleQueue()
         self._canceller = canceller
@@ -133,17 +133,32 @@ class Stream:
         self._event: asyncio.Event | None = None
         self._lock = threading.Lock()
         self._done = False
+        self._sink: Callable[[Delta], object] | None = None
 
     # -- engine side
     def _put(self, delta: Delta) -> None:
-        self._queue.put(delta)
         with self._lock:
+            if self._sink is not None:
+                self._sink(delta)
+                return
+            self._queue.put(delta)
             loop, event = self._loop, self._event
         if loop is not None and event is not None:
             try:
                 loop.call_soon_threadsafe(event.set)
             except RuntimeError:  # the reader's loop is closed: nobody is listening
                 pass
+
+    def redirect(self, sink: Callable[[Delta], object]) -> None:
+        """Hand every delta to ``sink`` instead of queueing it, those already queued first: for a
+        reader in another process (:mod:`picochat.engine.process`). ``sink`` must not block."""
+        with self._lock:
+            while True:
+                try:
+                    sink(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            self._sink = sink
 
     # -- reader side
     def cancel(self) -> None:
@@ -273,7 +288,8 @@ class EngineInfo:
 
 
 class Engine(Protocol):
-    """Implemented by LocalEngine (in process) and RemoteEngine (HTTP)."""
+    """Implemented by LocalEngine (in process), EngineProcess (a LocalEngine in a child process)
+    and RemoteEngine (HTTP)."""
 
     @property
     def info(self) -> EngineInfo: ...
@@ -303,12 +319,12 @@ def now() -> float:
     return time.perf_counter()
 
 
-# A local engine's thread gives up the GIL at every torch op and must win it back from the threads
-# reading its streams (the console's UI, the server's event loop); each win can wait out Python's
-# switch interval (5 ms by default), which delays tokens on their way out and the engine alike.
-# With one-row eager decode steps on one thread, the UI has a core of its own and takes the GIL
-# at every op the engine runs: benchmarks/console.py (bf16) went from 0.72 of headless at 0.5 ms
-# to 0.81 at 0.1 ms.
+# A local engine's thread gives up the GIL at every torch op and must win it back from the other
+# threads of its process (the server's event loop, a console engine process's forwarding thread);
+# each win can wait out Python's switch interval (5 ms by default), which delays tokens on their
+# way out and the engine alike. Measured when the console's UI shared the engine's process
+# (benchmarks/console.py, bf16): 0.72 of headless decode at 0.5 ms, 0.81 at 0.1 ms; the console
+# now runs the engine in a process of its own (picochat.engine.process).
 GIL_SWITCH_INTERVAL_S = 0.0001
 
 

@@ -12,7 +12,7 @@ from textual.app import App
 from textual.binding import Binding
 
 from picochat.config import load_user_config, save_user_config
-from picochat.engine.protocol import Engine, share_gil_promptly
+from picochat.engine.protocol import Engine
 from picochat.errors import PicochatError
 from picochat.themes import DEFAULT_THEME, VARIABLE_DEFAULTS, console_css, load_themes
 from picochat.tui import transcript
@@ -110,7 +110,6 @@ def make_app(engine_factory: EngineFactory, *, resume: bool = False,
 def run(engine_factory: EngineFactory, *, resume: bool = False) -> None:
     """Open the console; returns when the user quits. The engine is closed on the way out."""
     app = make_app(engine_factory, resume=resume)
-    share_gil_promptly()
     try:
         app.run()
     finally:

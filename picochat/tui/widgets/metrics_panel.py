@@ -2,7 +2,8 @@
 
 TTFT is plotted per finished request; prefill and decode throughput, KV-cache occupancy, queue
 depth and memory are sampled each time a MetricsSnapshot arrives. Memory shows each GPU (memory
-and utilisation, from NVML) or, without one, host RAM with this process's RSS and CPU %.
+and utilisation, from NVML) or, without one, host RAM with the RSS and CPU % of the engine's
+process (the console runs it in a process of its own).
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ class MetricsPanel(VerticalScroll):
             device = devices[len(self._devices)]
             gpu = device.name.split(" ", 1)[0]  # "GPU0 NVIDIA H100 80GB HBM3" → "GPU0"
             plots = (MetricPlot(f"VRAM {gpu}" if device.kind == "gpu" else "RAM", ceiling=device.memory_total_bytes),
-                     MetricPlot(f"{gpu} util" if device.kind == "gpu" else "CPU (process)",
+                     MetricPlot(f"{gpu} util" if device.kind == "gpu" else "CPU (engine)",
                                 ceiling=100.0 if device.kind == "gpu" else None))
             self.mount_all(plots)
             self._devices.append(plots)
