@@ -7,6 +7,7 @@ import json
 import threading
 
 import pytest
+from textual._compositor import Compositor
 from textual.command import CommandPalette
 from textual.widgets import OptionList
 
@@ -21,7 +22,8 @@ from picochat.tui.screens.help import HelpScreen
 from picochat.tui.screens.loading import LoadingScreen
 from picochat.tui.screens.system_prompt import SystemPromptScreen
 from picochat.tui.screens.value_dialog import ValueDialog
-from picochat.tui.widgets.message_view import MessageView
+from picochat.tui.widgets.chat_log import ChatLog
+from picochat.tui.widgets.message_view import GrowingParagraph, MessageView
 from picochat.tui.widgets.metric_plot import MetricPlot
 from picochat.tui.widgets.prompt_input import PromptInput
 from picochat.tui.widgets.request_timeline import RequestTimeline
@@ -61,6 +63,39 @@ async def test_message_streams_a_markdown_reply():
         assert code_blocks and "print('hi')" in code_blocks.first().code
         saved = transcript.latest()
         assert saved is not None and [m.content for m in saved.messages] == ["hello", DEFAULT_REPLY]
+
+
+async def test_a_streamed_paragraph_is_laid_out_when_it_wraps_not_at_every_chunk(monkeypatch):
+    """Textual re-arranges the whole screen for a layout: a reply streamed word by word ends as
+    tall as the same text shown at once, with far fewer layouts than chunks."""
+    reply = " ".join(f"word{i}" for i in range(150))  # one paragraph of many lines
+    counts = {"reflow": 0, "set_content": 0}
+    reflow, set_content = Compositor.reflow, GrowingParagraph.set_content
+
+    def counting_reflow(self, *args, **kwargs):
+        counts["reflow"] += 1
+        return reflow(self, *args, **kwargs)
+
+    def counting_set_content(self, content):
+        counts["set_content"] += 1
+        return set_content(self, content)
+
+    monkeypatch.setattr(Compositor, "reflow", counting_reflow)
+    monkeypatch.setattr(GrowingParagraph, "set_content", counting_set_content)
+    app = console(FakeEngine(reply=reply, token_delay_s=0.03))
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await open_chat(pilot)
+        await send(pilot, "go")
+        await wait_until(pilot, lambda: screen._reply is not None and screen._reply.text, "the first chunk")
+        counts["reflow"] = 0
+        await wait_reply_done(pilot, screen)
+        await pilot.pause()
+        streamed = screen.query(MessageView).last().query_one(GrowingParagraph).content_size
+        shown_at_once = await screen.query_one(ChatLog).add(MessageView("assistant", reply))
+        await pilot.pause()
+        assert streamed.height > 10
+        assert shown_at_once.query_one(GrowingParagraph).content_size == streamed
+        assert counts["set_content"] > 40 and counts["reflow"] < counts["set_content"] / 2
 
 
 async def test_escape_cancels_and_keeps_the_partial_reply():
