@@ -1,8 +1,10 @@
 """n-gram (prompt-lookup) speculation against speculation off, on the same engine settings:
-input-grounded prompts (rewrite, summarise or edit a given text or code) and open-ended chat.
+input-grounded prompts (rewrite, summarise or edit a given text or code), open-ended chat, and
+adversarial prompts (drafts found at most steps but mostly wrong: what adaptive k is for).
 
     python benchmarks/spec.py                                # default model, bf16, eager steps
     python benchmarks/spec.py --quant int4 --runs 3 --max-tokens 128 --json
+    python benchmarks/spec.py --categories adversarial      # one prompt set
     python benchmarks/spec.py --device cuda --compile      # on a GPU, over the CUDA graphs
 
 Both engines are loaded in one process; every prompt runs greedily with speculation off and on,
@@ -50,6 +52,15 @@ OPEN_PROMPTS = [
 ]
 
 
+# adversarial for prompt lookup: enumerations whose n-grams recur with a different continuation
+# each time, so drafts are found at most steps and mostly rejected (28-35 % accepted, measured)
+ADVERSARIAL_PROMPTS = [
+    "Write the numbers from 1 to 150, separated by commas.",
+    "Write the multiplication table of 7, from 7 x 1 up to 7 x 30, one line each.",
+    "Write a table of the first twenty powers of two, one per line, as '2^n = value'.",
+]
+
+
 def run_prompt(engine: LocalEngine, prompt: str, max_tokens: int) -> tuple[list[int], float, float, int, int]:
     """(token ids, decode seconds, decode tokens, drafted, accepted) of one greedy request."""
     done = engine.submit([{"role": "user", "content": prompt}],
@@ -73,6 +84,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="the fast decode step: compiled on the CPU, CUDA graphs on a GPU")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--categories", nargs="+", default=["input", "open", "adversarial"],
+                        choices=["input", "open", "adversarial"], help="prompt sets to run")
     parser.add_argument("--json", action="store_true", help="last stdout line: one JSON object")
     args = parser.parse_args()
 
@@ -85,7 +98,10 @@ def main() -> None:
     for e in engines.values():
         while e.decode_step == "compiling":
             time.sleep(0.5)
-    categories = {"input-grounded": grounded_prompts(), "open chat": OPEN_PROMPTS}
+    categories = {name: prompts for name, prompts in (("input-grounded", grounded_prompts()),
+                                                      ("open chat", OPEN_PROMPTS),
+                                                      ("adversarial", ADVERSARIAL_PROMPTS))
+                  if name.split()[0].split("-")[0] in args.categories}
     results: dict = {}
     for category, prompts in categories.items():
         rates: dict[str, list[float]] = {"off": [], "ngram": []}
