@@ -3,6 +3,7 @@ themes, resume and the loading screen."""
 
 from __future__ import annotations
 
+import gc
 import json
 import threading
 
@@ -96,6 +97,14 @@ async def test_a_streamed_paragraph_is_laid_out_when_it_wraps_not_at_every_chunk
         assert streamed.height > 10
         assert shown_at_once.query_one(GrowingParagraph).content_size == streamed
         assert counts["set_content"] > 40 and counts["reflow"] < counts["set_content"] / 2
+
+
+async def test_what_the_console_loaded_is_kept_out_of_the_collectors_way():
+    gc.unfreeze()
+    app = console(FakeEngine())
+    async with app.run_test() as pilot:
+        await open_chat(pilot)
+        await wait_until(pilot, lambda: gc.get_freeze_count() > 0, "gc.freeze once the chat screen is up")
 
 
 async def test_escape_cancels_and_keeps_the_partial_reply():
