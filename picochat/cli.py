@@ -36,7 +36,7 @@ ENGINE_OPTIONS = {
     "attention": (str, typer.Option("--attention", help="auto | triton | sdpa | reference."), "auto"),
     "threads": (Optional[int], typer.Option("--threads", help="torch CPU threads (default: all cores)."), None),
     "decode_threads": (Optional[int], typer.Option(
-        "--decode-threads", help="Threads of an eager one-row CPU decode step (default: 1 for weights "
+        "--decode-threads", help="Threads of an eager CPU decode step of up to 5 rows (default: 1 for weights "
                                  "under 1 GiB, where fewer threads decode faster; else --threads)."), None),
     "compile": (Optional[bool], typer.Option("--compile/--no-compile",
                 help="Build the fast decode step in the background: torch.compile on a CPU, CUDA graphs on "

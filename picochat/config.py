@@ -151,10 +151,11 @@ class EngineConfig:
     dtype: DType = "float32"
     device: str = "auto"  # auto → cuda if available else cpu
     threads: int | None = None  # torch intra-op threads; None → physical cores
-    # threads of a one-row decode step served eagerly on a CPU (llama.cpp's -t beside -tb): ~330
-    # small dispatches, which on the 2-core host one thread ran 1.05-2.5x as fast as two (fp32,
-    # bf16, int4; same tokens). Steps of more rows keep threads (bf16 at 8 rows: 60 vs 73 tok/s
-    # on one thread). None → 1 for weights under 1 GiB, else threads
+    # threads of a decode step of up to 5 rows (one row, or one request's k + 1 verification rows)
+    # served eagerly on a CPU (llama.cpp's -t beside -tb): ~330 small dispatches, which on the
+    # 2-core host one thread ran 1.05-2.5x as fast as two (fp32, bf16, int4; same tokens). Steps
+    # of more rows keep threads (bf16 at 8 rows: 60 vs 73 tok/s on one thread); see
+    # runner.DECODE_THREADS_MAX_ROWS. None → 1 for weights under 1 GiB, else threads
     decode_threads: int | None = None
     attention: AttentionBackend = "auto"
     max_model_len: int | None = None  # None → the model's context length

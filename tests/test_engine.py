@@ -15,6 +15,7 @@ from tiny_models import submit_together, wait_idle
 from picochat.config import EngineConfig, SamplingParams, SchedulerConfig
 from picochat.engine.engine import LoadedModel, LocalEngine
 from picochat.engine.protocol import now
+from picochat.engine.runner import DECODE_THREADS_MAX_ROWS
 from picochat.errors import ConfigError, PromptTooLongError
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
@@ -185,9 +186,10 @@ def test_a_kv_cache_beyond_memory_is_one_line(tiny_loaded, monkeypatch):
         make_engine(tiny_loaded, kv_cache_memory_mb=64)
 
 
-def test_one_row_eager_decode_steps_run_on_the_decode_thread_count(tiny_loaded):
-    """Prefill steps and decode steps of several rows use ``threads``; an eager decode step of one
-    row uses ``decode_threads``, by default one for a model this small; the count is restored."""
+def test_small_eager_decode_steps_run_on_the_decode_thread_count(tiny_loaded):
+    """Prefill steps and decode steps of more than DECODE_THREADS_MAX_ROWS rows use ``threads``;
+    an eager decode step of up to that many rows uses ``decode_threads``, by default one for a
+    model this small; the count is restored."""
     engine = LocalEngine(EngineConfig(model="tiny", threads=2, compile=False), loaded=tiny_loaded)
     steps = []  # (rows, torch threads inside the forward)
     forward = engine.model.forward
@@ -198,15 +200,22 @@ def test_one_row_eager_decode_steps_run_on_the_decode_thread_count(tiny_loaded):
 
     engine.model.forward = spy
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+
+    def decode_together(n: int, first_id: int) -> None:  # prompts the prefix cache has not seen
+        steps.clear()
+        streams = submit_together(engine, [list(range(first_id + 20 * i, first_id + 20 * (i + 1)))
+                                           for i in range(n)], params)
+        assert all(len(s.result().token_ids) == 6 for s in streams)
+
     try:
         assert len(engine.submit(list(range(100, 140)), params).result().token_ids) == 6
         assert steps == [(40, 2)] + [(1, 1)] * 5  # the prompt, then one decode row a step
-        steps.clear()
-        pair = submit_together(engine, [list(range(200 + i, 220 + i)) for i in range(2)], params)
-        assert all(len(s.result().token_ids) == 6 for s in pair)
+        decode_together(DECODE_THREADS_MAX_ROWS, 200)
+        assert steps == [(20 * DECODE_THREADS_MAX_ROWS, 2)] + [(DECODE_THREADS_MAX_ROWS, 1)] * 5
+        decode_together(DECODE_THREADS_MAX_ROWS + 1, 400)
+        assert steps == [(20 * (DECODE_THREADS_MAX_ROWS + 1), 2)] + [(DECODE_THREADS_MAX_ROWS + 1, 2)] * 5
     finally:
         engine.close()
-    assert steps == [(40, 2)] + [(2, 2)] * 5  # both prompts, then both decoded side by side
     with pytest.raises(ConfigError, match="decode_threads"):
         EngineConfig(decode_threads=0).validate()
 

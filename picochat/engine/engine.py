@@ -305,7 +305,7 @@ class LocalEngine:
         return int(blocks)
 
     def _decode_threads(self) -> int | None:
-        """Threads of an eager one-row decode step on a CPU (see ``EngineConfig.decode_threads``)."""
+        """Threads of a small eager decode step on a CPU (see ``EngineConfig.decode_threads``)."""
         if self.device.type != "cpu":
             return None
         if self.config.decode_threads is not None:
