@@ -66,7 +66,8 @@ class EngineProcess:
         log = log_path()
         log.parent.mkdir(parents=True, exist_ok=True)
         package_root = str(Path(__file__).resolve().parents[2])  # found also when run from a checkout
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+        python_path = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PYTHONPATH": python_path}
         with child_end, open(log, "wb") as output:
             # a session of its own: the terminal's Ctrl+C and hang-up go to the console alone
             self._process = subprocess.Popen(
