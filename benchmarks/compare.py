@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from picochat.config import EngineConfig, QuantConfig, SamplingParams, SchedulerConfig
-from picochat.engine.engine import DTYPES, LocalEngine
+from picochat.engine.engine import DTYPES, LocalEngine, run_on_passing_thread
 from picochat.engine.protocol import RequestTimings
 from picochat.evaluate import read_text
 from picochat.model.registry import DEFAULT_MODEL, resolve_model
@@ -466,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, list[float]]] = {}
     names: dict[str, str] = {}
     peers: dict[str, str] = {}
-    for key, peer, factory in systems(args, model, work, notes):  # one after another, never together
+
+    def load_and_measure(key: str, peer: str | None, factory) -> None:
         log.print(f"[bold]{key}[/]: loading and measuring ({args.runs} runs after a warm-up)")
         system = None
         try:
@@ -483,6 +484,11 @@ def main(argv: list[str] | None = None) -> int:
                 system.close()
             del system
             gc.collect()
+
+    # one after another, never together, each on a thread that ends with it: a thread that has run
+    # torch keeps its OpenMP workers, and more of those than cores slows every system after it
+    for key, peer, factory in systems(args, model, work, notes):
+        run_on_passing_thread(lambda: load_and_measure(key, peer, factory))
     report = {
         "command": shlex.join(["python", *sys.argv]), "model": str(model), "threads": args.threads,
         "device": args.device,

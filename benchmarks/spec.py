@@ -7,12 +7,13 @@ adversarial prompts (drafts found at most steps but mostly wrong: what adaptive 
     python benchmarks/spec.py --categories adversarial      # one prompt set
     python benchmarks/spec.py --device cuda --compile      # on a GPU, over the CUDA graphs
 
-Both engines are loaded in one process; every prompt runs greedily with speculation off and on,
-alternating, ``--runs`` times after one warm-up. Per category it prints decode tok/s (output
-tokens after the first / time from first to last token, summed over the category's prompts;
-medians over runs), the speed-up and the draft acceptance rate, and checks that speculation left the greedy tokens unchanged. The decode step is eager in both
-engines by default (``--compile``: the compiled step, or the CUDA graphs with ``--device cuda``,
-serves plain decode and verification steps).
+One engine serves both, speculation switched between passes; every prompt runs greedily with
+speculation off and on, alternating, ``--runs`` times after one warm-up. Per category it prints
+decode tok/s (output tokens after the first / time from first to last token, summed over the
+category's prompts; medians over runs), the speed-up and the draft acceptance rate, and checks
+that speculation left the greedy tokens unchanged. The decode step is eager by default
+(``--compile``: the compiled step, or the CUDA graphs with ``--device cuda``, serves plain
+decode and verification steps).
 """
 
 from __future__ import annotations
@@ -71,6 +72,13 @@ def run_prompt(engine: LocalEngine, prompt: str, max_tokens: int) -> tuple[list[
     return list(done.token_ids), t.finished - t.first_token, t.output_tokens - 1, t.draft_tokens, t.accepted_tokens
 
 
+def set_spec(engine: LocalEngine, spec: SpecConfig) -> None:
+    """Switch speculation and wait until the engine serves with it."""
+    engine.reconfigure(spec=spec)
+    while engine.info.spec != spec.mode:
+        time.sleep(0.01)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -89,15 +97,13 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="last stdout line: one JSON object")
     args = parser.parse_args()
 
-    def engine(spec: SpecConfig) -> LocalEngine:
-        return LocalEngine(EngineConfig(model=args.model, dtype=args.dtype, threads=args.threads,
-                                        quant=QuantConfig(mode=args.quant), spec=spec, compile=args.compile,
-                                        device=args.device))
-
-    engines = {"off": engine(SpecConfig()), "ngram": engine(SpecConfig(mode="ngram", k=args.k, ngram_n=args.ngram))}
-    for e in engines.values():
-        while e.decode_step == "compiling":
-            time.sleep(0.5)
+    # one engine, speculation switched between passes: a second engine's idle thread would keep
+    # an OpenMP team of its own and slow both (see engine.run_on_passing_thread)
+    engine = LocalEngine(EngineConfig(model=args.model, dtype=args.dtype, threads=args.threads,
+                                      quant=QuantConfig(mode=args.quant), compile=args.compile, device=args.device))
+    specs = {"off": SpecConfig(), "ngram": SpecConfig(mode="ngram", k=args.k, ngram_n=args.ngram)}
+    while engine.decode_step == "compiling":
+        time.sleep(0.5)
     categories = {name: prompts for name, prompts in (("input-grounded", grounded_prompts()),
                                                       ("open chat", OPEN_PROMPTS),
                                                       ("adversarial", ADVERSARIAL_PROMPTS))
@@ -108,12 +114,13 @@ def main() -> None:
         drafted = accepted = 0
         same = True
         for run in range(args.runs + 1):
-            totals = {name: [0.0, 0.0] for name in engines}  # seconds, tokens
+            totals = {name: [0.0, 0.0] for name in specs}  # seconds, tokens
             outputs: dict[str, list] = {}
-            for name, e in engines.items():
+            for name, spec in specs.items():
+                set_spec(engine, spec)
                 outputs[name] = []
                 for prompt in prompts:
-                    ids, seconds, tokens, d, a = run_prompt(e, prompt, args.max_tokens)
+                    ids, seconds, tokens, d, a = run_prompt(engine, prompt, args.max_tokens)
                     outputs[name].append(ids)
                     totals[name][0] += seconds
                     totals[name][1] += tokens
@@ -131,8 +138,7 @@ def main() -> None:
         rate = f"{accepted / drafted:.0%}" if drafted else "-"
         print(f"{category:15s} off {off:6.1f} tok/s  ngram {on:6.1f} tok/s  speed-up {on / off:4.2f}x  "
               f"acceptance {rate} ({accepted}/{drafted} drafts)  greedy tokens unchanged: {same}", flush=True)
-    for e in engines.values():
-        e.close()
+    engine.close()
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     print(f"command: {command}")
     if args.json:

@@ -35,9 +35,6 @@ ENGINE_OPTIONS = {
     "quant_group": (int, typer.Option("--quant-group", help="int4 group size: 32 | 64 | 128."), 32),
     "attention": (str, typer.Option("--attention", help="auto | triton | sdpa | reference."), "auto"),
     "threads": (Optional[int], typer.Option("--threads", help="torch CPU threads (default: all cores)."), None),
-    "decode_threads": (Optional[int], typer.Option(
-        "--decode-threads", help="Threads of an eager CPU decode step of up to 5 rows (default: 1 for weights "
-                                 "under 1 GiB, where fewer threads decode faster; else --threads)."), None),
     "compile": (Optional[bool], typer.Option("--compile/--no-compile",
                 help="Build the fast decode step in the background: torch.compile on a CPU, CUDA graphs on "
                      "a GPU (default: on for serve, bench and generate unless PICOCHAT_COMPILE=0; "
@@ -93,7 +90,7 @@ def with_options(*groups: dict):
 def engine_config(opts: dict) -> EngineConfig:
     compile_flag = {} if opts["compile"] is None else {"compile": opts["compile"]}
     return EngineConfig(
-        model=opts["model"], dtype=opts["dtype"], threads=opts["threads"], decode_threads=opts["decode_threads"],
+        model=opts["model"], dtype=opts["dtype"], threads=opts["threads"],
         attention=opts["attention"],
         max_model_len=opts["max_model_len"],
         scheduler=SchedulerConfig(max_num_seqs=opts["max_num_seqs"],

@@ -151,12 +151,6 @@ class EngineConfig:
     dtype: DType = "float32"
     device: str = "auto"  # auto → cuda if available else cpu
     threads: int | None = None  # torch intra-op threads; None → physical cores
-    # threads of a decode step of up to 5 rows (one row, or one request's k + 1 verification rows)
-    # served eagerly on a CPU (llama.cpp's -t beside -tb): ~330 small dispatches, which on the
-    # 2-core host one thread ran 1.05-2.5x as fast as two (fp32, bf16, int4; same tokens). Steps
-    # of more rows keep threads (bf16 at 8 rows: 60 vs 73 tok/s on one thread); see
-    # runner.DECODE_THREADS_MAX_ROWS. None → 1 for weights under 1 GiB, else threads
-    decode_threads: int | None = None
     attention: AttentionBackend = "auto"
     max_model_len: int | None = None  # None → the model's context length
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -175,8 +169,6 @@ class EngineConfig:
             raise ConfigError(f"attention must be auto, triton, sdpa or reference, got {self.attention!r}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
-        if self.decode_threads is not None and self.decode_threads < 1:
-            raise ConfigError(f"decode_threads must be >= 1, got {self.decode_threads}")
         if self.max_model_len is not None and self.max_model_len < 16:
             raise ConfigError(f"max_model_len must be >= 16, got {self.max_model_len}")
         self.scheduler.validate()

@@ -10,12 +10,12 @@ import time
 import pytest
 import torch
 
-from tiny_models import submit_together, wait_idle
+from tiny_models import wait_idle
 
 from picochat.config import EngineConfig, SamplingParams, SchedulerConfig
 from picochat.engine.engine import LoadedModel, LocalEngine
 from picochat.engine.protocol import now
-from picochat.engine.runner import DECODE_THREADS_MAX_ROWS
+from picochat.engine.runner import ModelRunner
 from picochat.errors import ConfigError, PromptTooLongError
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
@@ -186,38 +186,25 @@ def test_a_kv_cache_beyond_memory_is_one_line(tiny_loaded, monkeypatch):
         make_engine(tiny_loaded, kv_cache_memory_mb=64)
 
 
-def test_small_eager_decode_steps_run_on_the_decode_thread_count(tiny_loaded):
-    """Prefill steps and decode steps of more than DECODE_THREADS_MAX_ROWS rows use ``threads``;
-    an eager decode step of up to that many rows uses ``decode_threads``, by default one for a
-    model this small; the count is restored."""
-    engine = LocalEngine(EngineConfig(model="tiny", threads=2, compile=False), loaded=tiny_loaded)
-    steps = []  # (rows, torch threads inside the forward)
-    forward = engine.model.forward
+def test_loading_runs_on_a_passing_thread(tiny_loaded, monkeypatch):
+    """The engine's torch work runs on its loop thread only: loading runs on a thread that has
+    ended by the time the constructor returns (``run_on_passing_thread``; the test above sees its
+    errors reach the caller)."""
+    threads = []
+    build_runner = ModelRunner.__init__
 
-    def spy(input_ids, *args):
-        steps.append((len(input_ids), torch.get_num_threads()))
-        return forward(input_ids, *args)
+    def spy(self, *args):
+        threads.append(threading.current_thread())
+        build_runner(self, *args)
 
-    engine.model.forward = spy
-    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
-
-    def decode_together(n: int, first_id: int) -> None:  # prompts the prefix cache has not seen
-        steps.clear()
-        streams = submit_together(engine, [list(range(first_id + 20 * i, first_id + 20 * (i + 1)))
-                                           for i in range(n)], params)
-        assert all(len(s.result().token_ids) == 6 for s in streams)
-
+    monkeypatch.setattr(ModelRunner, "__init__", spy)
+    engine = make_engine(tiny_loaded)
     try:
-        assert len(engine.submit(list(range(100, 140)), params).result().token_ids) == 6
-        assert steps == [(40, 2)] + [(1, 1)] * 5  # the prompt, then one decode row a step
-        decode_together(DECODE_THREADS_MAX_ROWS, 200)
-        assert steps == [(20 * DECODE_THREADS_MAX_ROWS, 2)] + [(DECODE_THREADS_MAX_ROWS, 1)] * 5
-        decode_together(DECODE_THREADS_MAX_ROWS + 1, 400)
-        assert steps == [(20 * (DECODE_THREADS_MAX_ROWS + 1), 2)] + [(DECODE_THREADS_MAX_ROWS + 1, 2)] * 5
+        (loader,) = threads
+        assert loader not in (threading.current_thread(), engine._thread)
+        assert not loader.is_alive()
     finally:
         engine.close()
-    with pytest.raises(ConfigError, match="decode_threads"):
-        EngineConfig(decode_threads=0).validate()
 
 
 def test_many_submitters_queue_safely(tiny_loaded):

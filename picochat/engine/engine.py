@@ -20,6 +20,7 @@ import traceback
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -84,6 +85,31 @@ def fits_in_memory(device: torch.device, what: str, remedy: str):
         raise ConfigError(f"out of {where} memory for {what} on {device}: {remedy}") from None
 
 
+def run_on_passing_thread(fn: Callable[[], None]) -> None:
+    """Run ``fn`` on a thread that ends with it; its exception is raised here.
+
+    Each thread that runs a parallel torch op keeps a team of OpenMP workers for as long as it
+    lives, and once a process holds more such threads than CPUs, libgomp makes every team's
+    workers sleep at each barrier instead of spinning: ~2,500 futex sleeps per 512-token prefill
+    here and 15 % of its speed, for the rest of the process. The engine's torch work therefore
+    runs on the engine thread; loading, which the caller's thread would otherwise do, runs on a
+    passing thread whose team ends with it.
+    """
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as e:  # handed to the caller
+            failure.append(e)
+
+    thread = threading.Thread(target=run, name="picochat-load", daemon=True)
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+
+
 class LocalEngine:
     def __init__(self, config: EngineConfig, progress: ProgressFn | None = None,
                  loaded: LoadedModel | None = None):
@@ -94,28 +120,7 @@ class LocalEngine:
             "cuda" if config.device == "auto" and torch.cuda.is_available() else
             ("cpu" if config.device == "auto" else config.device))
         self.dtype = DTYPES[config.dtype]
-        with fits_in_memory(self.device, "the model's weights", "free memory or pick --quant int4"):
-            loaded = loaded or load_model(config, self.device, progress)
-            self.model = loaded.model.to(self.device)  # a no-op for load_model's; a handed-in model moves
-        self.model_name = loaded.name
-        self.model_path = loaded.path
-        self.tokenizer = loaded.tokenizer
-        mcfg = self.model.config
-        self.max_model_len = min(config.max_model_len or mcfg.max_position_embeddings,
-                                 mcfg.max_position_embeddings)
-        self.attention_backend = self._resolve_attention(config.attention)
-        self.model.select_kernels(self.attention_backend, self.device)
-        self._activity: str | None = None  # a background change in progress, for the status bar
-
-        sched_cfg = config.scheduler
-        self.kv = KVCacheManager(self._num_kv_blocks(sched_cfg), sched_cfg.block_size,
-                                 sched_cfg.enable_prefix_caching)
-        self.scheduler = Scheduler(sched_cfg, self.kv)
-        kv_mib = self.kv.num_blocks * ModelRunner.kv_bytes_per_block(mcfg, sched_cfg.block_size, self.dtype) >> 20
-        with fits_in_memory(self.device, f"a KV cache of {kv_mib} MiB", "free memory or lower --kv-cache-mb"):
-            self.runner = ModelRunner(self.model, self.kv, self.dtype, self.device, self._decode_threads())
-        self.outputs = OutputProcessor(self.tokenizer)
-        self.proposer = make_proposer(config.spec, self._proposer_target())
+        run_on_passing_thread(lambda: self._load(progress, loaded))
         # built once the loop has been idle a moment, so it never slows the requests of a start
         # that comes with work (the first token of ``picochat generate``)
         self._compile_pending = self._builds_fast_step
@@ -138,6 +143,33 @@ class LocalEngine:
         gc.freeze()
         self._thread = threading.Thread(target=self._loop, name="picochat-engine", daemon=True)
         self._thread.start()
+
+    def _load(self, progress: ProgressFn | None, loaded: LoadedModel | None) -> None:
+        """The model, its kernels, the KV cache and the proposer (on a passing thread: see
+        ``run_on_passing_thread``)."""
+        config = self.config
+        with fits_in_memory(self.device, "the model's weights", "free memory or pick --quant int4"):
+            loaded = loaded or load_model(config, self.device, progress)
+            self.model = loaded.model.to(self.device)  # a no-op for load_model's; a handed-in model moves
+        self.model_name = loaded.name
+        self.model_path = loaded.path
+        self.tokenizer = loaded.tokenizer
+        mcfg = self.model.config
+        self.max_model_len = min(config.max_model_len or mcfg.max_position_embeddings,
+                                 mcfg.max_position_embeddings)
+        self.attention_backend = self._resolve_attention(config.attention)
+        self.model.select_kernels(self.attention_backend, self.device)
+        self._activity: str | None = None  # a background change in progress, for the status bar
+
+        sched_cfg = config.scheduler
+        self.kv = KVCacheManager(self._num_kv_blocks(sched_cfg), sched_cfg.block_size,
+                                 sched_cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(sched_cfg, self.kv)
+        kv_mib = self.kv.num_blocks * ModelRunner.kv_bytes_per_block(mcfg, sched_cfg.block_size, self.dtype) >> 20
+        with fits_in_memory(self.device, f"a KV cache of {kv_mib} MiB", "free memory or lower --kv-cache-mb"):
+            self.runner = ModelRunner(self.model, self.kv, self.dtype, self.device)
+        self.outputs = OutputProcessor(self.tokenizer)
+        self.proposer = make_proposer(config.spec, self._proposer_target())
 
     # ----------------------------------------------------------------------------- protocol
     @property
@@ -303,15 +335,6 @@ class LocalEngine:
             raise ConfigError(f"a KV cache of {blocks * per_block >> 20} MiB does not fit the "
                               f"{total >> 20} MiB of {self.device}: lower --kv-cache-mb")
         return int(blocks)
-
-    def _decode_threads(self) -> int | None:
-        """Threads of a small eager decode step on a CPU (see ``EngineConfig.decode_threads``)."""
-        if self.device.type != "cpu":
-            return None
-        if self.config.decode_threads is not None:
-            return self.config.decode_threads
-        from picochat.model.quantize import weight_bytes
-        return 1 if weight_bytes(self.model) < 1 << 30 else None
 
     def _kv_budget(self, cfg: SchedulerConfig, per_block: int) -> int:
         """Bytes for the KV pool: the configured budget, else sized from the device's free memory."""

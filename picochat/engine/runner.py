@@ -20,18 +20,10 @@ from picochat.model.transformer import KVCache, Transformer
 from picochat.engine.kv_cache import KVCacheManager
 from picochat.engine.scheduler import SchedulerOutput
 
-# eager decode steps of up to this many rows run on ``decode_threads`` (EngineConfig): one row,
-# and a batch-1 verification of the default 4 drafts (benchmarks/spec.py, adversarial prompts:
-# int4 0.79x -> 1.28x of speculation off, bf16 1.27x -> 1.44x). At 8 rows bf16 ran faster on
-# two threads (73 vs 60 tok/s)
-DECODE_THREADS_MAX_ROWS = 5
-
 
 class ModelRunner:
-    def __init__(self, model: Transformer, kv: KVCacheManager, dtype: torch.dtype, device: torch.device,
-                 decode_threads: int | None = None):
+    def __init__(self, model: Transformer, kv: KVCacheManager, dtype: torch.dtype, device: torch.device):
         self.model = model
-        self.decode_threads = decode_threads  # torch threads of a small eager decode step; None: unchanged
         self.kv = kv
         self.device = device
         cfg = model.config
@@ -167,10 +159,4 @@ class ModelRunner:
                 return compiled(ids, positions_t, meta, self.caches)
             except Exception as e:  # a shape or state the graphs were not built for
                 compiled.disable(f"{type(e).__name__}: {e}")
-        threads = torch.get_num_threads()
-        torch.set_num_threads(self.decode_threads if self.decode_threads and len(input_ids) <= DECODE_THREADS_MAX_ROWS
-                              else threads)
-        try:
-            return self.model(ids, positions_t, meta, self.caches)
-        finally:
-            torch.set_num_threads(threads)
+        return self.model(ids, positions_t, meta, self.caches)
