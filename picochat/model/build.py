@@ -16,6 +16,7 @@ from torch import nn
 
 from picochat.config import QuantConfig
 from picochat.model.loader import LoadedCheckpoint, load_checkpoint
+from picochat.model.packed_linear import pack_linears
 from picochat.model.transformer import Transformer
 from picochat.progress import ProgressFn
 
@@ -41,8 +42,10 @@ def build_transformer(path: Path, dtype: torch.dtype, quant: QuantConfig, device
         if quant.mode != "none":
             from picochat.model.quantize import build_quantized_linears, swap_linears
             swap_linears(model, build_quantized_linears(model, quant, progress))
-        return model, ckpt.tokenizer
-    return _from_gguf_blocks(ckpt, dtype, quant, device, progress), ckpt.tokenizer
+    else:
+        model = _from_gguf_blocks(ckpt, dtype, quant, device, progress)
+    pack_linears(model)  # the float linears left, on a CPU that runs their dtype natively
+    return model, ckpt.tokenizer
 
 
 def prepare_linears(path: Path, dtype: torch.dtype, quant: QuantConfig, device: torch.device,
