@@ -1,6 +1,7 @@
 """picochat against HF transformers and llama.cpp on one machine: the same model file, the same
-token ids, the same thread count, one system after another in one process, medians of ``--runs``
-measured passes after one warm-up pass, and the ratios printed next to each goal.
+token ids, the same thread count, each system in a process of its own, all loaded together and
+taking turns (one pass of every metric each), medians of ``--runs`` measured passes after one
+warm-up pass, and the ratios printed next to each goal.
 
     python benchmarks/compare.py                          # every installed system, the default model
     python benchmarks/compare.py --picochat-configs bf16,int4 --runs 5 --threads 2 --json
@@ -17,7 +18,7 @@ available to the caller):
   that moment to the last stream's last token (prefill excluded; all systems here prefill the
   streams together, so this is N·(n − 1) / decode time).
 
-picochat runs in process through ``LocalEngine`` and the Engine protocol (prefix caching off, so
+picochat runs in its process through ``LocalEngine`` and the Engine protocol (prefix caching off, so
 repeated passes prefill again); HF transformers loads the GGUF dequantized into ``--hf-dtype`` and
 runs greedy ``generate``; llama.cpp (llama-cpp-python, a benchmark-only install) uses the GGUF's
 own blocks, and its streams go through the low-level batch API with one sequence id per stream.
@@ -27,12 +28,12 @@ The last stdout line is one JSON object with ``--json``.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import shlex
 import statistics
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
@@ -41,7 +42,7 @@ import numpy as np
 import torch
 
 from picochat.config import EngineConfig, QuantConfig, SamplingParams, SchedulerConfig
-from picochat.engine.engine import DTYPES, LocalEngine, run_on_passing_thread
+from picochat.engine.engine import DTYPES, LocalEngine
 from picochat.engine.protocol import RequestTimings
 from picochat.evaluate import read_text
 from picochat.model.registry import DEFAULT_MODEL, resolve_model
@@ -305,33 +306,22 @@ class LlamaCpp:
 
 # ------------------------------------------------------------------------------------- measuring
 
-def measure(system, work: Workload, runs: int) -> dict[str, list[float]]:
-    """One warm-up pass, then ``runs`` passes; each metric's samples (None ones dropped)."""
-    samples: dict[str, list[float]] = {key: [] for key in METRICS}
-    for run in range(runs + 1):
-        ttft, decode = system.chat(work.chat, work.decode_tokens)
-        figures = {"decode_tok_s": decode, "ttft_s": ttft, "prefill_tok_s": system.prefill(work.prefill),
-                   "agg_decode_tok_s": aggregate_decode_rate(system.streams(work.streams, work.decode_tokens))}
-        if run:  # pass 0 warms caches, allocators and lazy initialisation up
-            for key, value in figures.items():
-                if value is not None:
-                    samples[key].append(value)
-    return samples
+def one_pass(system: SystemProcess, work: Workload) -> dict[str, float | None]:
+    """Every metric once: the chat request, the long prefill, the concurrent streams."""
+    ttft, decode = system.call("chat", work.chat, work.decode_tokens)
+    return {"decode_tok_s": decode, "ttft_s": ttft, "prefill_tok_s": system.call("prefill", work.prefill),
+            "agg_decode_tok_s": aggregate_decode_rate(system.call("streams", work.streams, work.decode_tokens))}
 
 
-def systems(args: argparse.Namespace, model: Path, work: Workload, notes: dict[str, str]) -> list[tuple]:
-    """(key, peer kind or None, factory) of every requested system that can run here."""
+def systems(args: argparse.Namespace, model: Path, notes: dict[str, str]) -> list[tuple[str, str | None]]:
+    """(key, peer kind or None) of every requested system that can run here."""
     wanted = args.systems.split(",")
-    out = []
+    out: list[tuple[str, str | None]] = []
     if "picochat" in wanted:
-        for config in args.picochat_configs.split(","):
-            def factory(c=config):
-                return Picochat(model, c, args.threads, work, not args.eager, args.device)
-            out.append((f"picochat:{config}", None, factory))
+        out += [(f"picochat:{config}", None) for config in args.picochat_configs.split(",")]
     if "hf" in wanted:
         if find_spec("transformers") and find_spec("accelerate"):
-            out.append((f"hf:{args.hf_dtype}", "hf",
-                        lambda: HFTransformers(model, args.hf_dtype, args.threads, args.device)))
+            out.append((f"hf:{args.hf_dtype}", "hf"))
         else:
             notes["hf"] = "skipped: transformers and accelerate are not both installed"
     if "llamacpp" in wanted:
@@ -340,8 +330,83 @@ def systems(args: argparse.Namespace, model: Path, work: Workload, notes: dict[s
         elif not model.is_file():
             notes["llamacpp"] = "skipped: llama.cpp needs a GGUF file"
         else:
-            out.append(("llamacpp", "llamacpp", lambda: LlamaCpp(model, args.threads, work)))
+            out.append(("llamacpp", "llamacpp"))
     return out
+
+
+def make_system(key: str, args: argparse.Namespace, model: Path, work: Workload):
+    kind, _, config = key.partition(":")
+    if kind == "picochat":
+        return Picochat(model, config, args.threads, work, not args.eager, args.device)
+    if kind == "hf":
+        return HFTransformers(model, config, args.threads, args.device)
+    return LlamaCpp(model, args.threads, work)
+
+
+class SystemProcess:
+    """One system loaded in a process of its own and driven from here, a call at a time: the
+    systems stay loaded together and their passes alternate, so a drift of the host's speed (up
+    to ~25 % for a minute on the 2-core VM) falls on each alike; and no process holds two
+    systems' OpenMP teams (which would slow both: see picochat.engine.engine.run_on_passing_thread)."""
+
+    def __init__(self, key: str, args: argparse.Namespace, model: Path, work: Workload):
+        import multiprocessing
+
+        self.key = key
+        self.conn, child = multiprocessing.Pipe()
+        self.process = multiprocessing.get_context("spawn").Process(
+            target=serve_system, args=(child, key, args, model, work), daemon=True)
+        self.process.start()
+        child.close()
+
+    def ready(self) -> str:
+        """The system's name once it has loaded (and built its compiled step)."""
+        return self._reply()
+
+    def call(self, method: str, *params):
+        self.conn.send((method, params))
+        return self._reply()
+
+    def _reply(self):
+        try:
+            status, value = self.conn.recv()
+        except EOFError:
+            raise RuntimeError(f"{self.key}: its process died (exit code {self.process.exitcode})") from None
+        if status == "error":
+            raise RuntimeError(value)
+        return value
+
+    def close(self) -> None:
+        try:
+            self.conn.send(("close", ()))
+        except OSError:
+            pass
+        self.process.join(timeout=30)
+        if self.process.is_alive():
+            self.process.kill()
+
+
+def serve_system(conn, key: str, args: argparse.Namespace, model: Path, work: Workload) -> None:
+    """A SystemProcess's child: load the system, then answer calls until ``close``."""
+    try:
+        system = make_system(key, args, model, work)
+        conn.send(("ok", system.name))
+    except Exception as e:  # noqa: BLE001 -- reported by the parent as this system's failure
+        traceback.print_exc()
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+        return
+    try:
+        while True:
+            method, params = conn.recv()
+            if method == "close":
+                break
+            try:
+                conn.send(("ok", getattr(system, method)(*params)))
+            except Exception as e:  # noqa: BLE001
+                traceback.print_exc()
+                conn.send(("error", f"{type(e).__name__}: {e}"))
+    finally:
+        system.close()
 
 
 def median(values: list[float]) -> float | None:
@@ -467,28 +532,37 @@ def main(argv: list[str] | None = None) -> int:
     names: dict[str, str] = {}
     peers: dict[str, str] = {}
 
-    def load_and_measure(key: str, peer: str | None, factory) -> None:
-        log.print(f"[bold]{key}[/]: loading and measuring ({args.runs} runs after a warm-up)")
-        system = None
+    running: dict[str, SystemProcess] = {}
+    keys = systems(args, model, notes)
+    log.print(f"loading {', '.join(key for key, _ in keys)}, each in a process of its own")
+    for key, _ in keys:
+        running[key] = SystemProcess(key, args, model, work)
+    for key, peer in keys:
         try:
-            system = factory()
-            names[key] = system.name
-            results[key] = measure(system, work, args.runs)
+            names[key] = running[key].ready()
+            results[key] = {metric: [] for metric in METRICS}
             if peer:
                 peers[key] = peer
-        except Exception as e:  # noqa: BLE001 -- one broken system must not lose the others' figures
-            notes[key] = f"failed: {type(e).__name__}: {e}"
-            log.print_exception(max_frames=4)
-        finally:
-            if system is not None:
-                system.close()
-            del system
-            gc.collect()
-
-    # one after another, never together, each on a thread that ends with it: a thread that has run
-    # torch keeps its OpenMP workers, and more of those than cores slows every system after it
-    for key, peer, factory in systems(args, model, work, notes):
-        run_on_passing_thread(lambda: load_and_measure(key, peer, factory))
+        except RuntimeError as e:
+            notes[key] = f"failed: {e}"
+            running.pop(key).close()
+    log.print(f"measuring: {args.runs} passes after a warm-up, the systems taking turns")
+    try:
+        for run in range(args.runs + 1):  # pass 0 warms caches, allocators and lazy initialisation up
+            for key in list(running):
+                try:
+                    figures = one_pass(running[key], work)
+                except RuntimeError as e:  # one broken system must not lose the others' figures
+                    notes[key] = f"failed: {e}"
+                    running.pop(key).close()
+                    results.pop(key), peers.pop(key, None)
+                    continue
+                for metric, value in figures.items():
+                    if run and value is not None:
+                        results[key][metric].append(value)
+    finally:
+        for system in running.values():
+            system.close()
     report = {
         "command": shlex.join(["python", *sys.argv]), "model": str(model), "threads": args.threads,
         "device": args.device,
