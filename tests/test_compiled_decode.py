@@ -14,6 +14,7 @@ import torch
 
 from picochat.config import EngineConfig, QuantConfig, SamplingParams, SchedulerConfig, SpecConfig
 from picochat.engine.engine import LoadedModel, LocalEngine
+from picochat.model.packed_linear import pack_linears
 from picochat.model.quantize import build_quantized_linears, swap_linears
 from tiny_models import submit_together
 
@@ -31,6 +32,15 @@ def int4(loaded: LoadedModel) -> LoadedModel:
 @pytest.fixture(scope="module")
 def tiny_int4(tiny_loaded) -> LoadedModel:
     return int4(tiny_loaded)
+
+
+@pytest.fixture(scope="module")
+def tiny_bf16_packed(tiny_loaded) -> LoadedModel:
+    """bf16 linears packed for oneDNN as a CPU build packs them (where it does): the compiled
+    step is then built with inductor's freezing."""
+    model = copy.deepcopy(tiny_loaded.model).to(torch.bfloat16)
+    pack_linears(model)
+    return dataclasses.replace(tiny_loaded, model=model)
 
 
 def start(loaded: LoadedModel, compile: bool, device: str = "cpu", dtype: str = "bfloat16",
@@ -79,6 +89,23 @@ def test_compiled_step_matches_eager_and_serves(tiny_int4):
     assert compiled.steps_served >= 2 * (GREEDY.max_tokens - 1)  # batch 1 and the batch of six
     assert alone == eager_alone
     assert batch == eager_batch
+
+
+@pytest.mark.slow
+def test_frozen_compiled_step_matches_eager_logits(tiny_bf16_packed):
+    """Packed bf16 linears: the step is built with freezing (inductor's own oneDNN-packed
+    constants); its logits equal the eager step's within bf16 rounding (greedy tokens of a random
+    tiny model split at its many near-ties either way, frozen or not)."""
+    engine = start(tiny_bf16_packed, compile=True)
+    try:
+        compiled = engine.runner.compiled
+        for batch in (1, 2):
+            with torch.inference_mode():  # inference tensors, as the runner makes them
+                example = compiled._example(batch)
+            eager = engine.model(*example)
+            torch.testing.assert_close(compiled(*example), eager, rtol=2e-2, atol=2e-2 * eager.abs().max().item())
+    finally:
+        engine.close()
 
 
 @pytest.mark.slow
