@@ -555,7 +555,8 @@ def main(argv: list[str] | None = None) -> int:
                 except RuntimeError as e:  # one broken system must not lose the others' figures
                     notes[key] = f"failed: {e}"
                     running.pop(key).close()
-                    results.pop(key), peers.pop(key, None)
+                    del results[key]
+                    peers.pop(key, None)
                     continue
                 for metric, value in figures.items():
                     if run and value is not None:
