@@ -75,7 +75,10 @@ def run_prompt(engine: LocalEngine, prompt: str, max_tokens: int) -> tuple[list[
 def set_spec(engine: LocalEngine, spec: SpecConfig) -> None:
     """Switch speculation and wait until the engine serves with it."""
     engine.reconfigure(spec=spec)
+    deadline = time.monotonic() + 60
     while engine.info.spec != spec.mode:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"speculation did not switch to {spec.mode}: {engine.metrics().activity}")
         time.sleep(0.01)
 
 

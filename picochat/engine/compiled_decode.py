@@ -116,8 +116,8 @@ class CompiledDecode(FastDecodeStep):
             return Transformer.forward.__wrapped__(model, input_ids, positions, meta, caches)
 
         # float linears (packed for eager use, dense when traced): freezing makes their weights
-        # constants of the graph, packed for oneDNN by inductor — bf16 b1 decode 48 -> 70 tok/s,
-        # 8 streams 248 -> 365, the same tokens, for a copy of those weights held by the graph.
+        # constants of the graph, packed for oneDNN by inductor — bf16 b1 decode 48 -> 66-70 tok/s,
+        # 8 streams 247 -> 343-365, the same tokens, for a copy of those weights held by the graph.
         # Set on inductor's config: in torch.compile's options it was not applied
         inductor_config.freezing = any(isinstance(m, PackedLinear) for m in model.modules())
         self._fn = torch.compile(step, fullgraph=True, options={"cpp_wrapper": True})

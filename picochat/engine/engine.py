@@ -91,7 +91,7 @@ def run_on_passing_thread(fn: Callable[[], None]) -> None:
     Each thread that runs a parallel torch op keeps a team of OpenMP workers for as long as it
     lives, and once a process holds more such threads than CPUs, libgomp makes every team's
     workers sleep at each barrier instead of spinning: ~2,500 futex sleeps per 512-token prefill
-    here and 15 % of its speed, for the rest of the process. The engine's torch work therefore
+    here and ~10 % of its speed, for the rest of the process. The engine's torch work therefore
     runs on the engine thread; loading, which the caller's thread would otherwise do, runs on a
     passing thread whose team ends with it.
     """
