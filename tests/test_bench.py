@@ -49,6 +49,33 @@ def test_json_line_uses_vllm_keys(engine, capsys):
     assert last["achieved_weight_gbs"] > 0 and 0 < last["bandwidth_share"]
 
 
+def test_measures_only_once_the_fast_decode_step_is_built(engine, capsys):
+    """A local engine serves eagerly while its fast step builds: the bench waits for it after the
+    warm-up, and says which step it measured."""
+    class Building:
+        def __init__(self) -> None:
+            self.polls, self.submitted_while_building = 0, 0
+
+        @property
+        def decode_step(self) -> str:
+            self.polls += 1
+            return "compiling" if self.polls < 4 else "compiled"
+
+        def submit(self, *args, **kwargs):
+            self.submitted_while_building += self.polls < 4
+            return engine.submit(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(engine, name)
+
+    building = Building()
+    cfg = BenchConfig(concurrency=2, num_prompts=2, input_len=(8, 8), output_len=(4, 4), warmup=1)
+    summary = run_bench(building, cfg, as_json=True)
+    assert building.polls >= 4 and building.submitted_while_building == 1  # the warm-up alone
+    assert summary["decode_step"] == "compiled" and summary["completed"] == 2
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["decode_step"] == "compiled"
+
+
 def test_lengths_and_percentiles():
     assert parse_len("128") == (128, 128) and parse_len("32:256") == (32, 256)
     for bad in ("0", "9:3", "x", "1:y"):

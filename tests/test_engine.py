@@ -171,8 +171,12 @@ def test_bad_input_is_rejected_with_one_line(tiny_loaded):
 
 
 def test_a_kv_cache_beyond_memory_is_one_line(tiny_loaded, monkeypatch):
+    def host_engine(**sched) -> LocalEngine:  # on the host also where a GPU is present
+        return LocalEngine(EngineConfig(model="tiny", device="cpu", scheduler=SchedulerConfig(**sched)),
+                           loaded=tiny_loaded)
+
     with pytest.raises(ConfigError, match=r"a KV cache of \d+ MiB does not fit the \d+ MiB of cpu: lower --kv-cache-mb"):
-        make_engine(tiny_loaded, kv_cache_memory_mb=100_000_000)  # 100 TB
+        host_engine(kv_cache_memory_mb=100_000_000)  # 100 TB
     # a budget the host holds in total but not free now: the allocation's failure, in one line
     empty = torch.empty
 
@@ -183,7 +187,7 @@ def test_a_kv_cache_beyond_memory_is_one_line(tiny_loaded, monkeypatch):
 
     monkeypatch.setattr("picochat.engine.runner.torch.empty", no_memory)
     with pytest.raises(ConfigError, match=r"out of host memory for a KV cache of \d+ MiB on cpu: .*--kv-cache-mb"):
-        make_engine(tiny_loaded, kv_cache_memory_mb=64)
+        host_engine(kv_cache_memory_mb=64)
 
 
 def test_loading_runs_on_a_passing_thread(tiny_loaded, monkeypatch):

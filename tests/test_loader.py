@@ -55,6 +55,15 @@ def test_dequantizers_equal_gguf_on_encoded_and_random_blocks(qtype: str) -> Non
         assert torch.equal(bits(dequantize_blocks(blocks, qtype)), bits(theirs))
 
 
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+def test_dequantized_blocks_stay_on_their_device(qtype: str) -> None:
+    """A live quantization switch dequantizes blocks already moved to the GPU; the meta device
+    stands in for it here (a tensor made on the CPU instead cannot take the meta values)."""
+    blocks = torch.zeros(2, 3, BLOCK_BYTES[qtype], dtype=torch.uint8, device="meta")
+    out = dequantize_blocks(blocks, qtype)
+    assert out.device.type == "meta" and out.shape == (2, 96) and out.dtype == torch.float32
+
+
 def test_float_types_and_the_gguf_fallback_equal_gguf() -> None:
     gen = np.random.default_rng(1)
     values = gen.normal(0, 3, (4, 64)).astype(np.float32)

@@ -203,13 +203,14 @@ def run_bench(engine: Engine, cfg: BenchConfig, as_json: bool) -> dict:
         warm = BenchConfig(concurrency=1, num_prompts=cfg.warmup, input_len=cfg.input_len,
                            output_len=(8, 8), seed=cfg.seed + 7)
         run_load(engine, warm)
+    decode_step = wait_for_decode_step(engine, err)
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=err, transient=True) as bar:
         task = bar.add_task("benchmark", total=cfg.num_prompts)
         results, duration = run_load(engine, cfg, on_done=lambda: bar.advance(task))
     summary = summarize(results, duration, cfg)
     info = engine.info
-    summary.update(model=info.model, dtype=info.dtype, quant=info.quant, device=info.device)
+    summary.update(model=info.model, dtype=info.dtype, quant=info.quant, device=info.device, decode_step=decode_step)
     weight_bytes = engine.metrics().weight_bytes
     if weight_bytes and summary["median_decode_tok_s"] and not info.remote:
         from picochat.bench.roofline import roofline
@@ -222,6 +223,19 @@ def run_bench(engine: Engine, cfg: BenchConfig, as_json: bool) -> dict:
     return summary
 
 
+def wait_for_decode_step(engine: Engine, console) -> str | None:
+    """Measure the decode step users get once it is built: a local engine builds its fast step
+    (CUDA graphs: seconds; torch.compile on a CPU: minutes cold) once idle, i.e. after the warm-up,
+    and serves eagerly meanwhile. None for an engine that does not say (a remote server)."""
+    step = getattr(engine, "decode_step", None)
+    if step == "compiling":
+        with console.status("waiting for the fast decode step (--no-compile measures the eager one)…"):
+            while engine.decode_step == "compiling":
+                time.sleep(0.2)
+        step = engine.decode_step
+    return step
+
+
 def print_table(s: dict, console) -> None:
     from rich.table import Table
 
@@ -229,6 +243,7 @@ def print_table(s: dict, console) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     rows = [("completed / failed", f"{s['completed']} / {s['failed']}"),
+            *([("decode step", s["decode_step"])] if s.get("decode_step") else []),
             ("duration (s)", f"{s['duration']:.2f}"),
             ("request throughput (req/s)", f"{s['request_throughput']:.2f}"),
             ("output throughput (tok/s)", f"{s['output_throughput']:.1f}"),

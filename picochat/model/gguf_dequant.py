@@ -29,7 +29,7 @@ def dequantize_blocks(blocks: torch.Tensor, qtype: str) -> torch.Tensor:
     if qtype == "Q8_0":
         return torch.mul(blocks[..., 2:].view(torch.int8), d).flatten(-2)  # int8 → f32, then · d
     packed = blocks[..., 4:] if qtype == "Q4_1" else blocks[..., 2:]  # [..., n_blocks, 16]
-    q = torch.empty(packed.shape[:-1] + (BLOCK_SIZE,), dtype=torch.float32)
+    q = torch.empty(packed.shape[:-1] + (BLOCK_SIZE,), dtype=torch.float32, device=blocks.device)
     q[..., :16] = packed & 0x0F  # elements 0..15
     q[..., 16:] = packed >> 4  # elements 16..31
     if qtype == "Q4_0":

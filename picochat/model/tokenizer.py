@@ -21,7 +21,7 @@ import tokenizers
 from jinja2 import nodes
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 
 from picochat.errors import ConfigError, ModelLoadError
 
@@ -113,9 +113,11 @@ def _sentencepiece_backend(
         raise ModelLoadError("GGUF SentencePiece tokenizer has neither merges nor scores")
     unk_token = tokens[unk_id] if unk_id is not None else None
     backend = tokenizers.Tokenizer(models.BPE(vocab, pairs, unk_token=unk_token, fuse_unk=True, byte_fallback=True))
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement="▁", prepend_scheme="first" if add_space_prefix else "never", split=False
-    )
+    # SentencePiece's dummy prefix: "▁" before the text even where it starts with a space (llama.cpp
+    # adds it before every text fragment after a special token too; the normalizer runs per fragment).
+    # tokenizers' Metaspace adds none before a leading space, so it is not used.
+    spaces = normalizers.Replace(" ", "▁")
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), spaces]) if add_space_prefix else spaces
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     if add_space_prefix:
         steps.append(decoders.Strip(content=" ", left=1, right=0))

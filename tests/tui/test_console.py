@@ -3,6 +3,7 @@ themes, resume and the loading screen."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import threading
@@ -149,6 +150,22 @@ async def test_palette_temperature_applies_to_the_next_request():
         await send(pilot, "hi")
         await wait_reply_done(pilot, screen)
         assert engine.submitted[-1][1].temperature == 0.25
+
+
+async def test_status_bar_keeps_the_sampling_summary_on_an_80_column_terminal():
+    engine = FakeEngine()
+    engine._info = dataclasses.replace(engine.info, model="smollm2-135m-instruct", device="cuda",
+                                       attention="triton", spec="ngram k=4")
+    app = console(engine)
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await open_chat(pilot)
+        await run_palette_command(pilot, "sampling: max tokens")
+        await pilot.press(*"6", "enter")
+        await wait_until(pilot, lambda: app.screen is screen, "the dialog to close")
+        bar = screen.query_one(StatusBar)
+        shown = "".join(segment.text for segment in bar.render_line(0))
+        assert shown.rstrip().endswith("│ T=0.7 · max 6") and "smollm2-135m-instruct" in shown
+        assert "…" in shown  # the serving part gave way
 
 
 async def test_invalid_palette_input_shows_an_error_and_keeps_the_old_value():

@@ -1,5 +1,6 @@
 """The bottom status line: what is serving (model, dtype, quantization, device, attention
-backend, speculation) and how the next request will sample."""
+backend, speculation) and how the next request will sample. The sampling summary always shows in
+full; on a narrow terminal the serving part gives way (ellipsised)."""
 
 from __future__ import annotations
 
@@ -36,10 +37,14 @@ class StatusBar(Widget):
         if self.info is None:
             return Text("loading…")
         info = self.info
-        text = Text(info.model, style=self.get_component_rich_style("status-bar--model"))
+        serving = Text(info.model, style=self.get_component_rich_style("status-bar--model"))
         parts = [info.dtype, f"quant {info.quant}", info.device, f"attn {info.attention}"]
         if info.spec != "off":
             parts.append(f"spec {info.spec}")
-        text.append(" · " + " · ".join(parts) + " │ ")
-        text.append(self.sampling.summary(), style=self.get_component_rich_style("status-bar--sampling"))
-        return text
+        serving.append(" · " + " · ".join(parts))
+        sampling = Text(" │ " + self.sampling.summary())
+        sampling.stylize(self.get_component_rich_style("status-bar--sampling"), 3)
+        room = self.size.width - sampling.cell_len
+        if serving.cell_len > room:
+            serving.truncate(max(room, 1), overflow="ellipsis")
+        return serving + sampling
