@@ -23,10 +23,10 @@ import traceback
 from typing import Callable
 
 import torch
+from torch import nn
 
 from picochat.config import cache_dir
 from picochat.kernels.reference import DecodeMetadata
-from picochat.model.packed_linear import PackedLinear
 from picochat.model.transformer import KVCache, Transformer
 
 log = logging.getLogger("picochat.engine")
@@ -115,11 +115,15 @@ class CompiledDecode(FastDecodeStep):
         def step(input_ids, positions, meta, caches):  # the forward without its inference_mode
             return Transformer.forward.__wrapped__(model, input_ids, positions, meta, caches)
 
-        # float linears (packed for eager use, dense when traced): freezing makes their weights
-        # constants of the graph, packed for oneDNN by inductor — bf16 b1 decode 48 -> 66-70 tok/s,
-        # 8 streams 247 -> 343-365, the same tokens, for a copy of those weights held by the graph.
-        # Set on inductor's config: in torch.compile's options it was not applied
-        inductor_config.freezing = any(isinstance(m, PackedLinear) for m in model.modules())
+        # freezing makes the weights constants of the graph: float linears (packed for eager use,
+        # dense when traced) are packed for oneDNN by inductor — bf16 b1 decode 48 -> 66-70 tok/s,
+        # 8 streams 247 -> 343-365, the same tokens; with int4 / int8 linears the step's guards
+        # and graph shrink (a b1 step 7.3 -> 5.4 ms of CPU under the profiler; int4 b1 decode,
+        # processes alternating: 111/160/125/164 -> 125/179/186/178 tok/s; RSS +0.13 GB). Not
+        # where a plain nn.Linear is left (fp32, or a CPU without native bf16): inductor's packed
+        # fp32 kernels are not bit-identical to eager's. Set on inductor's config: in
+        # torch.compile's options it was not applied
+        inductor_config.freezing = not any(isinstance(m, nn.Linear) for m in model.modules())
         self._fn = torch.compile(step, fullgraph=True, options={"cpp_wrapper": True})
         with torch.inference_mode():  # as the runner makes its inputs and calls it
             for batch in (1, 2):  # batch 1 is its own graph (a size-1 dimension is a constant)
