@@ -155,9 +155,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     s = meta.context_slots.shape[1]
     slots = meta.context_slots.view(-1)
 
-    def gather(cache: torch.Tensor) -> torch.Tensor:  # [B, Hkv, S, D] fp32
+    def gather(cache: torch.Tensor) -> torch.Tensor:  # [B, Hkv, S, D] fp32, contiguous: on a
+        # strided view the matmuls took another path at batch 1 than in a batch, and a row's
+        # scores changed with the rows beside it (speculation's k + 1 rows changed greedy tokens)
         rows = cache.view(num_blocks * block_size, hkv * d).index_select(0, slots)
-        return rows.float().view(b, s, hkv, d).transpose(1, 2)
+        return rows.float().view(b, s, hkv, d).transpose(1, 2).contiguous()
 
     qg = q.view(b, hkv, h // hkv, d).float()
     scores = torch.matmul(qg, gather(k_cache).transpose(-1, -2)).mul_(scale).add_(meta.bias)

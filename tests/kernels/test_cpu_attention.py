@@ -46,3 +46,28 @@ def test_sdpa_mixed_batch_matches_reference():
     poison_unwritten(k_cache, v_cache, meta)
     got = paged_attention_sdpa(q, k_cache, v_cache, meta, 0.25)
     torch.testing.assert_close(got, fp32_reference(q, k_cache, v_cache, meta, 0.25), atol=1e-5, rtol=1e-5)
+
+
+def test_decode_step_rows_do_not_depend_on_the_rows_beside_them():
+    """A row's output is bit-identical alone and inside a batch (speculation verifies k + 1 rows
+    of a request; continuous batching adds other requests' rows): no layout- or batch-dependent
+    kernel path."""
+    gen = torch.Generator().manual_seed(0)
+    heads, kv_heads, dim, block_size, num_blocks = 9, 3, 64, 16, 64
+    k_cache, v_cache = (torch.randn(num_blocks, block_size, kv_heads, dim, generator=gen).bfloat16() for _ in range(2))
+    null_slot = num_blocks * block_size - 1
+    for cache in (k_cache, v_cache):
+        cache.view(-1, kv_heads, dim)[null_slot] = 0
+    for seq_len in (1, 40, 200, 333):
+        q = torch.randn(5, heads, dim, generator=gen).bfloat16()
+        tables = torch.arange(seq_len // block_size + 2).repeat(5, 1)
+        seq_lens = torch.arange(seq_len, seq_len + 5)  # k + 1 verification rows of one request
+
+        def meta(rows: slice) -> DecodeMetadata:
+            return DecodeMetadata.build(torch.zeros(5, dtype=torch.int64)[rows], tables[rows], seq_lens[rows],
+                                        block_size, null_slot)
+
+        batch = decode_attention(q, k_cache, v_cache, meta(slice(None)), dim ** -0.5)
+        for i in range(5):
+            alone = decode_attention(q[i:i + 1], k_cache, v_cache, meta(slice(i, i + 1)), dim ** -0.5)
+            assert torch.equal(alone, batch[i:i + 1]), (seq_len, i)
