@@ -156,8 +156,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     slots = meta.context_slots.view(-1)
 
     def gather(cache: torch.Tensor) -> torch.Tensor:  # [B, Hkv, S, D] fp32, contiguous: on a
-        # strided view the matmuls took another path at batch 1 than in a batch, and a row's
-        # scores changed with the rows beside it (speculation's k + 1 rows changed greedy tokens)
+        # strided view the matmuls took another path at batch 1 than in a batch, so a row's
+        # scores changed with the rows beside it (a draft's verification rows, other requests)
         rows = cache.view(num_blocks * block_size, hkv * d).index_select(0, slots)
         return rows.float().view(b, s, hkv, d).transpose(1, 2).contiguous()
 
