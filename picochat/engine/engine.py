@@ -147,10 +147,13 @@ class LocalEngine:
     def _load(self, progress: ProgressFn | None, loaded: LoadedModel | None) -> None:
         """The model, its kernels, the KV cache and the proposer (on a passing thread: see
         ``run_on_passing_thread``)."""
+        from picochat.model.quantize import weight_bytes
+
         config = self.config
         with fits_in_memory(self.device, "the model's weights", "free memory or pick --quant int4"):
             loaded = loaded or load_model(config, self.device, progress)
             self.model = loaded.model.to(self.device)  # a no-op for load_model's; a handed-in model moves
+        self._weight_bytes = weight_bytes(self.model)  # for metrics(), polled twice a second: kept, not walked
         self.model_name = loaded.name
         self.model_path = loaded.path
         self.tokenizer = loaded.tokenizer
@@ -268,7 +271,7 @@ class LocalEngine:
             spec_decode_num_draft_tokens_total=counters["spec_draft_tokens"],
             spec_decode_num_accepted_tokens_total=counters["spec_accepted"],
             spec_decode_accepted_per_pos=tuple(self._accepted_per_pos[:self.config.spec.k]),
-            weight_bytes=self.weight_bytes(), quant=self.config.quant.mode, activity=self._activity,
+            weight_bytes=self._weight_bytes, quant=self.config.quant.mode, activity=self._activity,
             memory=system.device_stats(), recent_requests=recent)
 
     def close(self) -> None:
@@ -279,10 +282,6 @@ class LocalEngine:
             gc.unfreeze()  # what was frozen at load can be collected again (and at exit)
 
     # ------------------------------------------------------------------------------ helpers
-    def weight_bytes(self) -> int:
-        from picochat.model.quantize import weight_bytes
-        return weight_bytes(self.model)
-
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt, add_special_tokens=True)
@@ -499,9 +498,10 @@ class LocalEngine:
         self._activity = None
 
     def _swap_linears(self, quant: QuantConfig, linears: dict) -> None:
-        from picochat.model.quantize import swap_linears
+        from picochat.model.quantize import swap_linears, weight_bytes
 
         swap_linears(self.model, linears)  # the old modules are dropped here and freed
+        self._weight_bytes = weight_bytes(self.model)
         self.config = dataclasses.replace(self.config, quant=quant)
         self._activity = None
         self._rebuild_compiled()
