@@ -1,6 +1,7 @@
 // picochat_cpu::int4_mm and picochat_cpu::int8_mm — weight-only quantized matmuls for x86 CPUs with
 // AVX-512 VNNI, built and loaded by cpu_vnni.py. Both return y[M, N] (fp32) = x[M, K] @ W^T.
 // picochat_cpu::int4_dequantize gives the int4 weight in bf16, for prefill chunks.
+// picochat_cpu::decode_attention is kernels/reference.py's decode_attention in one pass.
 //
 // Like llama.cpp's q4_1 x q8_1 and q8_0 x q8_0 dot products, x is rounded to int8 per group of 32
 // (symmetric, one fp32 scale a per group) and each group's dot product is an exact integer sum
@@ -22,7 +23,11 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <limits>
+#include <vector>
 
 namespace {
 
@@ -38,17 +43,18 @@ inline __m512 load16(const at::BFloat16* x) {
 }
 
 // x [M, K] rounded to int8 per group of 32, with per (row, group) its scale a, the sum of x and
-// the sum of xq (the int8 kernel's correction term, exact in fp32).
+// the sum of xq (the int8 kernel's correction term, exact in fp32). It lives in buffers of the
+// calling thread that only grow: a decode step makes ~120 calls, and four tensors a call were
+// ~0.2 ms of allocation a step.
 struct QuantizedX {
-  at::Tensor xq, scale, sum, qsum;
+  int8_t* q;
+  float *scale, *sum, *qsum;
 };
 
 // The rounding is to nearest, ties to even (the default MXCSR mode), of x * (127 / amax) in fp32.
 template <typename T>
-void quantize_rows(const T* x, QuantizedX& out, int64_t M, int64_t K) {
+void quantize_rows(const T* x, const QuantizedX& out, int64_t M, int64_t K) {
   const int64_t G = K / kGroup;
-  int8_t* xq = out.xq.data_ptr<int8_t>();
-  float *scale = out.scale.data_ptr<float>(), *sum = out.sum.data_ptr<float>(), *qsum = out.qsum.data_ptr<float>();
   for (int64_t r = 0; r < M; r++) {
     for (int64_t g = 0; g < G; g++) {
       const int64_t at = r * K + g * kGroup;
@@ -56,20 +62,23 @@ void quantize_rows(const T* x, QuantizedX& out, int64_t M, int64_t K) {
       const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
       const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
       const __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inv)), qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inv));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + at), _mm512_cvtsepi32_epi8(qlo));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + at + 16), _mm512_cvtsepi32_epi8(qhi));
-      scale[r * G + g] = amax / 127.f;
-      sum[r * G + g] = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
-      qsum[r * G + g] = static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi)));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out.q + at), _mm512_cvtsepi32_epi8(qlo));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out.q + at + 16), _mm512_cvtsepi32_epi8(qhi));
+      out.scale[r * G + g] = amax / 127.f;
+      out.sum[r * G + g] = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
+      out.qsum[r * G + g] = static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi)));
     }
   }
 }
 
 QuantizedX quantize(const at::Tensor& x) {
+  thread_local std::vector<int8_t> q_buffer;
+  thread_local std::vector<float> float_buffer;
   const int64_t M = x.size(0), K = x.size(1), G = K / kGroup;
-  const auto floats = x.options().dtype(at::kFloat);
-  QuantizedX out{at::empty({M, K}, x.options().dtype(at::kChar)), at::empty({M, G}, floats),
-                 at::empty({M, G}, floats), at::empty({M, G}, floats)};
+  if (static_cast<int64_t>(q_buffer.size()) < M * K) q_buffer.resize(M * K);
+  if (static_cast<int64_t>(float_buffer.size()) < 3 * M * G) float_buffer.resize(3 * M * G);
+  float* f = float_buffer.data();
+  const QuantizedX out{q_buffer.data(), f, f + M * G, f + 2 * M * G};
   if (x.scalar_type() == at::kBFloat16) {
     quantize_rows(x.contiguous().data_ptr<at::BFloat16>(), out, M, K);
   } else {
@@ -78,13 +87,13 @@ QuantizedX quantize(const at::Tensor& x) {
   return out;
 }
 
-// Raw pointers to a QuantizedX from x row r0 on.
+// Pointers into a QuantizedX from x row r0 on.
 struct XRows {
   const int8_t* q;
   const float *scale, *sum, *qsum;
   XRows(const QuantizedX& x, int64_t r0, int64_t K)
-      : q(x.xq.data_ptr<int8_t>() + r0 * K), scale(x.scale.data_ptr<float>() + r0 * K / kGroup),
-        sum(x.sum.data_ptr<float>() + r0 * K / kGroup), qsum(x.qsum.data_ptr<float>() + r0 * K / kGroup) {}
+      : q(x.q + r0 * K), scale(x.scale + r0 * K / kGroup), sum(x.sum + r0 * K / kGroup),
+        qsum(x.qsum + r0 * K / kGroup) {}
 };
 
 // Tile<TILE>::run: one block of 16 output rows against x rows [r0, r0 + TILE); writes
@@ -247,16 +256,142 @@ at::Tensor int4_dequantize(const at::Tensor& q, const at::Tensor& d, const at::T
   return out;
 }
 
+// exp of 16 floats: 2^n * exp(r) with n = round(x / ln 2), r = x - n ln 2 (in two parts), and
+// exp(r) by Cephes' expf polynomial (~1 ulp); below -104 the result is 0, as exp is in fp32.
+inline __m512 exp16(__m512 x) {
+  const __m512 clamped = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.f)), _mm512_set1_ps(88.5f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), clamped);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  const __m512 e = _mm512_scalef_ps(p, n);
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-104.f), _CMP_GE_OQ), e);
+}
+
+inline __m512 load16(const at::Half* x) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+}
+
+// One (row, KV head) of decode attention: the G query heads of the group against the row's S
+// context slots, in fp32. A position whose bias is -inf is never read (its slot may be the null
+// slot or padding); the others' scores are q.k * scale + bias.
+template <typename Q, typename C>
+void attend_group(const Q* q, const C* k_pool, const C* v_pool, const int64_t* slots, const float* bias,
+                  Q* out, int64_t G, int64_t S, int64_t D, int64_t row_stride, float scale,
+                  std::vector<float>& work) {
+  const int64_t vecs = D / 16;
+  work.resize(G * D + G * S + G * D);
+  float* qf = work.data();             // [G, D]
+  float* scores = qf + G * D;          // [G, S]
+  float* acc = scores + G * S;         // [G, D]
+  for (int64_t i = 0; i < G * D; i += 16) _mm512_storeu_ps(qf + i, load16(q + i));
+  for (int64_t s = 0; s < S; s++) {
+    if (bias[s] == -std::numeric_limits<float>::infinity()) {
+      for (int64_t g = 0; g < G; g++) scores[g * S + s] = bias[s];
+      continue;
+    }
+    const C* k = k_pool + slots[s] * row_stride;
+    for (int64_t g = 0; g < G; g++) {
+      __m512 dot = _mm512_setzero_ps();
+      for (int64_t j = 0; j < vecs; j++) dot = _mm512_fmadd_ps(_mm512_loadu_ps(qf + g * D + 16 * j), load16(k + 16 * j), dot);
+      scores[g * S + s] = _mm512_reduce_add_ps(dot) * scale + bias[s];
+    }
+  }
+  for (int64_t g = 0; g < G; g++) {  // scores -> exp(score - max), in place
+    float* sg = scores + g * S;
+    float top = -std::numeric_limits<float>::infinity();
+    for (int64_t s = 0; s < S; s++) top = std::max(top, sg[s]);
+    int64_t s = 0;
+    for (; s + 16 <= S; s += 16) _mm512_storeu_ps(sg + s, exp16(_mm512_sub_ps(_mm512_loadu_ps(sg + s), _mm512_set1_ps(top))));
+    for (; s < S; s++) sg[s] = std::exp(sg[s] - top);
+  }
+  std::fill(acc, acc + G * D, 0.f);
+  for (int64_t s = 0; s < S; s++) {
+    if (bias[s] == -std::numeric_limits<float>::infinity()) continue;
+    const C* v = v_pool + slots[s] * row_stride;
+    for (int64_t j = 0; j < vecs; j++) {
+      const __m512 vj = load16(v + 16 * j);
+      for (int64_t g = 0; g < G; g++) {
+        float* a = acc + g * D + 16 * j;
+        _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(scores[g * S + s]), vj, _mm512_loadu_ps(a)));
+      }
+    }
+  }
+  for (int64_t g = 0; g < G; g++) {
+    float total = 0.f;
+    for (int64_t s = 0; s < S; s++) total += scores[g * S + s];
+    for (int64_t d = 0; d < D; d++) out[g * D + d] = static_cast<Q>(acc[g * D + d] / total);
+  }
+}
+
+// out [B, H, D] (q's dtype) = softmax(q K^T * scale + bias) V per row, K/V read from the paged
+// pools [blocks, block_size, Hkv, D] at context_slots [B, S]; bias [B, 1, 1, S] fp32.
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& context_slots, const at::Tensor& bias, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() &&
+              k_cache.scalar_type() == v_cache.scalar_type() && context_slots.dim() == 2 &&
+              context_slots.scalar_type() == at::kLong && bias.scalar_type() == at::kFloat,
+              "decode_attention: q [B, H, D], caches [blocks, block, Hkv, D], slots [B, S] int64, bias fp32");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k_cache.size(2), S = context_slots.size(1);
+  TORCH_CHECK(k_cache.size(3) == D && D % 16 == 0 && H % Hkv == 0 && context_slots.size(0) == B &&
+              bias.numel() == B * S, "decode_attention: shapes do not match");
+  const at::Tensor qc = q.contiguous(), kc = k_cache.contiguous(), vc = v_cache.contiguous();
+  const at::Tensor slots = context_slots.contiguous(), bc = bias.contiguous();
+  at::Tensor out = at::empty_like(qc);
+  const int64_t G = H / Hkv;
+  // (row, KV head) pairs; a batch-1 step's few run on this thread (cheaper than waking the pool)
+  const int64_t grain = std::max<int64_t>(1, 200000 / std::max<int64_t>(1, G * S * D));
+  const auto run = [&](auto* q_p, auto* pool_k, auto* pool_v, auto* out_p) {
+    at::parallel_for(0, B * Hkv, grain, [&](int64_t begin, int64_t end) {
+      thread_local std::vector<float> work;
+      for (int64_t i = begin; i < end; i++) {
+        const int64_t b = i / Hkv, h = i % Hkv;
+        attend_group(q_p + (b * H + h * G) * D, pool_k + h * D, pool_v + h * D, slots.data_ptr<int64_t>() + b * S,
+                     bc.data_ptr<float>() + b * S, out_p + (b * H + h * G) * D, G, S, D, Hkv * D,
+                     static_cast<float>(scale), work);
+      }
+    });
+  };
+  const auto with_q = [&](auto* pool_k, auto* pool_v) {
+    if (qc.scalar_type() == at::kBFloat16) {
+      run(qc.data_ptr<at::BFloat16>(), pool_k, pool_v, out.data_ptr<at::BFloat16>());
+    } else if (qc.scalar_type() == at::kHalf) {
+      run(qc.data_ptr<at::Half>(), pool_k, pool_v, out.data_ptr<at::Half>());
+    } else {
+      TORCH_CHECK(qc.scalar_type() == at::kFloat, "decode_attention: q float32, bfloat16 or float16");
+      run(qc.data_ptr<float>(), pool_k, pool_v, out.data_ptr<float>());
+    }
+  };
+  if (kc.scalar_type() == at::kBFloat16) {
+    with_q(kc.data_ptr<at::BFloat16>(), vc.data_ptr<at::BFloat16>());
+  } else if (kc.scalar_type() == at::kHalf) {
+    with_q(kc.data_ptr<at::Half>(), vc.data_ptr<at::Half>());
+  } else {
+    TORCH_CHECK(kc.scalar_type() == at::kFloat, "decode_attention: caches float32, bfloat16 or float16");
+    with_q(kc.data_ptr<float>(), vc.data_ptr<float>());
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(picochat_cpu, lib) {
   lib.def("int4_mm(Tensor x, Tensor q, Tensor d, Tensor m) -> Tensor");
   lib.def("int8_mm(Tensor x, Tensor w, Tensor s) -> Tensor");
   lib.def("int4_dequantize(Tensor q, Tensor d, Tensor m) -> Tensor");
+  lib.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor context_slots, Tensor bias, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(picochat_cpu, CPU, lib) {
   lib.impl("int4_mm", &int4_mm);
   lib.impl("int8_mm", &int8_mm);
   lib.impl("int4_dequantize", &int4_dequantize);
+  lib.impl("decode_attention", &decode_attention);
 }

@@ -1,5 +1,5 @@
-"""picochat's own CPU int4 and int8 matmuls (``cpu_vnni.cpp``): building them, their weight
-layouts, their ops.
+"""picochat's own CPU kernels (``cpu_vnni.cpp``: int4 and int8 matmuls, decode attention):
+building them, their weight layouts, their ops.
 
 torch's ``_weight_int4pack_mm_for_cpu`` reads the default model's int4 linears at ~7.7 GB/s on the
 2-core test host, where a plain read of the same bytes runs at ~14 GB/s, and its time grows with
@@ -8,7 +8,9 @@ The AVX-512 VNNI kernels round x to int8 per group of 32 and sum exact integer p
 llama.cpp does. Measured there, one process, alternating: the default model's 120 int4 linears
 took 5.6-6.9 ms a pass at 1 row and ~12 ms at 8 rows against 7.0-8.1 and 24-27 ms on torch's
 kernel; its int8 lm_head 2.6-2.8 ms at 1 row and 4.6-9.9 ms at 8 rows against 3.4-4.7 and 19-21 ms.
-A third op dequantizes int4 to bf16 in one pass (~15x torch's unpacking) for prefill chunks.
+A third op dequantizes int4 to bf16 in one pass (~15x torch's unpacking) for prefill chunks; a
+fourth is the decode-only step's attention (``decode_attention``, what ``dispatch`` picks for the
+CPU's sdpa backend where these kernels load).
 
 The extension is compiled once per torch version and source (~25 s) into the user cache dir, on
 first use, and only on a CPU that reports ``avx512f``, ``avx512bw``, ``avx512_vnni`` and ``f16c``.
@@ -23,8 +25,12 @@ import hashlib
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from picochat.kernels.reference import DecodeMetadata
 
 log = logging.getLogger("picochat.kernels")
 
@@ -92,6 +98,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("picochat_cpu::int8_mm")
     def _(x, w, s):
         return x.new_empty((x.shape[0], w.shape[0] * ROWS), dtype=torch.float32)
+
+    @torch.library.register_fake("picochat_cpu::decode_attention")
+    def _(q, k_cache, v_cache, context_slots, bias, scale):
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 def pack_int4(q: torch.Tensor, scales_and_zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -162,3 +172,16 @@ def int8_rows(packed: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 def int8_mm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """fp32 ``[M, N]`` = ``x [M, K]`` @ (the packed weight times ``scales [N]`` fp32)'s transpose."""
     return torch.ops.picochat_cpu.int8_mm(x, packed, scales)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: "DecodeMetadata",
+                     scale: float) -> torch.Tensor:
+    """:func:`kernels.reference.decode_attention` in one pass (head dim a multiple of 16): each
+    (row, KV head) reads its context rows straight from the pools, in fp32, and skips masked
+    positions — no gathered fp32 copy of K and V, no matmul calls. Other head dims take the torch
+    path."""
+    if q.shape[-1] % 16:
+        from picochat.kernels import reference
+
+        return reference.decode_attention(q, k_cache, v_cache, meta, scale)
+    return torch.ops.picochat_cpu.decode_attention(q, k_cache, v_cache, meta.context_slots, meta.bias, scale)

@@ -76,10 +76,17 @@ def attention_fn(backend: str) -> AttentionFn:
     raise ValueError(f"unknown attention backend {backend!r}")
 
 
-def decode_attention_fn(backend: str) -> AttentionFn | None:
+def decode_attention_fn(backend: str, device: torch.device) -> AttentionFn | None:
     """attention over a decode-only step ``f(q, k_cache, v_cache, decode_meta, scale) -> out``, or
-    None where the backend serves decode rows through its general varlen kernel."""
-    return reference.decode_attention if backend == "sdpa" else None
+    None where the backend serves decode rows through its general varlen kernel. On a CPU with
+    picochat's kernels (``cpu_vnni``) the sdpa backend takes their one-pass decode attention."""
+    if backend != "sdpa":
+        return None
+    from picochat.kernels import cpu_vnni
+
+    if device.type == "cpu" and cpu_vnni.available():
+        return cpu_vnni.decode_attention
+    return reference.decode_attention
 
 
 def resolve_kernel_backend(device: torch.device) -> str:

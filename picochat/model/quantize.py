@@ -36,10 +36,13 @@ EMBEDDING = "embed_tokens"  # tied to the lm_head: read from its int8 weights on
 
 
 def quantizable_linears(model: nn.Module, include_lm_head: bool) -> list[tuple[str, nn.Linear]]:
-    """The float ``nn.Linear``\\ s to quantize, by qualified name, in model order."""
+    """The float linears to quantize (``nn.Linear``\\ s, also those packed for oneDNN at load),
+    by qualified name, in model order."""
+    from picochat.model.packed_linear import PackedLinear  # it imports this module
+
     names = LAYER_LINEARS + ((LM_HEAD,) if include_lm_head else ())
     return [(name, module) for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and name.rpartition(".")[2] in names]
+            if isinstance(module, (nn.Linear, PackedLinear)) and name.rpartition(".")[2] in names]
 
 
 def quantize_linear(linear: nn.Linear, cfg: QuantConfig, backend: Backend = "auto") -> QuantLinear:

@@ -1,13 +1,19 @@
-"""The CPU attention paths (SDPA per sequence, the batched decode step) against the fp32 reference,
-with every slot past a sequence's context NaN, as an uninitialised pool can hold."""
+"""The CPU attention paths (SDPA per sequence, the batched decode step in torch and in picochat's
+C++ kernel) against the fp32 reference, with every slot past a sequence's context NaN, as an
+uninitialised pool can hold."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from picochat.kernels.reference import DecodeMetadata, decode_attention, paged_attention_sdpa
+from picochat.kernels import cpu_vnni, reference
+from picochat.kernels.reference import DecodeMetadata, paged_attention_sdpa
 from test_attention import fp32_reference, make_step
+
+needs_kernels = pytest.mark.skipif(not cpu_vnni.available(), reason="needs an AVX-512 VNNI CPU and a C++ compiler")
+DECODE_ATTENTION = [pytest.param(reference.decode_attention, id="torch"),
+                    pytest.param(cpu_vnni.decode_attention, id="cpu_kernel", marks=needs_kernels)]
 
 
 def poison_unwritten(k_cache, v_cache, meta):
@@ -21,11 +27,13 @@ def poison_unwritten(k_cache, v_cache, meta):
         cache.view(-1, *cache.shape[2:])[~seen] = float("nan")
 
 
+@pytest.mark.parametrize("decode_attention", DECODE_ATTENTION)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("sliding_window", [None, 5])
-def test_decode_step_matches_reference(dtype, sliding_window):
+@pytest.mark.parametrize("head_dim", [16, 8])  # the C++ kernel takes multiples of 16, torch the rest
+def test_decode_step_matches_reference(decode_attention, dtype, sliding_window, head_dim):
     seqs = [(1, 1), (1, 19), (1, 33), (1, 16), (1, 4)]
-    q, k_cache, v_cache, meta = make_step(seqs, 6, 2, 16, 4, dtype, seed=3)
+    q, k_cache, v_cache, meta = make_step(seqs, 6, 2, head_dim, 4, dtype, seed=3)
     k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
     poison_unwritten(k_cache, v_cache, meta)
     # a zero block at the end of the pool holds the null slot, as the runner's does
@@ -48,7 +56,8 @@ def test_sdpa_mixed_batch_matches_reference():
     torch.testing.assert_close(got, fp32_reference(q, k_cache, v_cache, meta, 0.25), atol=1e-5, rtol=1e-5)
 
 
-def test_decode_step_rows_do_not_depend_on_the_rows_beside_them():
+@pytest.mark.parametrize("decode_attention", DECODE_ATTENTION)
+def test_decode_step_rows_do_not_depend_on_the_rows_beside_them(decode_attention):
     """A row's output is bit-identical alone and inside a batch (speculation verifies k + 1 rows
     of a request; continuous batching adds other requests' rows): no layout- or batch-dependent
     kernel path."""
