@@ -279,60 +279,89 @@ inline __m512 load16(const at::Half* x) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
 }
 
-// One (row, KV head) of decode attention: the G query heads of the group against the row's S
-// context slots, in fp32. A position whose bias is -inf is never read (its slot may be the null
-// slot or padding); the others' scores are q.k * scale + bias.
-template <typename Q, typename C>
-void attend_group(const Q* q, const C* k_pool, const C* v_pool, const int64_t* slots, const float* bias,
-                  Q* out, int64_t G, int64_t S, int64_t D, int64_t row_stride, float scale,
-                  std::vector<float>& work) {
-  const int64_t vecs = D / 16;
-  work.resize(G * D + G * S + G * D);
-  float* qf = work.data();             // [G, D]
-  float* scores = qf + G * D;          // [G, S]
-  float* acc = scores + G * S;         // [G, D]
-  for (int64_t i = 0; i < G * D; i += 16) _mm512_storeu_ps(qf + i, load16(q + i));
+inline void store_row(float* out, const float* values, int64_t n) { std::copy(values, values + n, out); }
+template <typename T>
+inline void store_row(T* out, const float* values, int64_t n) {  // rounded as a cast rounds
+  for (int64_t i = 0; i < n; i++) out[i] = static_cast<T>(values[i]);
+}
+
+// One query head of one row: its VECS * 16 dims against the row's S context slots, in fp32 with q
+// and the output in registers. A position whose bias is -inf is never read (its slot may be the
+// null slot or padding); the others' scores are q.k * scale + bias, then softmax, then p.v.
+template <int VECS, typename Q, typename C>
+void attend_head(const Q* q, const C* k_pool, const C* v_pool, const int64_t* slots, const float* bias, Q* out,
+                 int64_t S, int64_t row_stride, float scale, std::vector<float>& scores) {
+  constexpr float kMasked = -std::numeric_limits<float>::infinity();
+  scores.resize(S);
+  float* sc = scores.data();
+  __m512 qv[VECS];
+  for (int j = 0; j < VECS; j++) qv[j] = load16(q + 16 * j);
+  float top = kMasked;
   for (int64_t s = 0; s < S; s++) {
-    if (bias[s] == -std::numeric_limits<float>::infinity()) {
-      for (int64_t g = 0; g < G; g++) scores[g * S + s] = bias[s];
+    if (bias[s] == kMasked) {
+      sc[s] = kMasked;
       continue;
     }
     const C* k = k_pool + slots[s] * row_stride;
-    for (int64_t g = 0; g < G; g++) {
-      __m512 dot = _mm512_setzero_ps();
-      for (int64_t j = 0; j < vecs; j++) dot = _mm512_fmadd_ps(_mm512_loadu_ps(qf + g * D + 16 * j), load16(k + 16 * j), dot);
-      scores[g * S + s] = _mm512_reduce_add_ps(dot) * scale + bias[s];
-    }
+    __m512 dot = _mm512_mul_ps(qv[0], load16(k));
+    for (int j = 1; j < VECS; j++) dot = _mm512_fmadd_ps(qv[j], load16(k + 16 * j), dot);
+    sc[s] = _mm512_reduce_add_ps(dot) * scale + bias[s];
+    top = std::max(top, sc[s]);
   }
-  for (int64_t g = 0; g < G; g++) {  // scores -> exp(score - max), in place
-    float* sg = scores + g * S;
-    float top = -std::numeric_limits<float>::infinity();
-    for (int64_t s = 0; s < S; s++) top = std::max(top, sg[s]);
-    int64_t s = 0;
-    for (; s + 16 <= S; s += 16) _mm512_storeu_ps(sg + s, exp16(_mm512_sub_ps(_mm512_loadu_ps(sg + s), _mm512_set1_ps(top))));
-    for (; s < S; s++) sg[s] = std::exp(sg[s] - top);
+  __m512 sums = _mm512_setzero_ps();
+  int64_t s = 0;
+  for (; s + 16 <= S; s += 16) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sc + s), _mm512_set1_ps(top)));
+    _mm512_storeu_ps(sc + s, e);
+    sums = _mm512_add_ps(sums, e);
   }
-  std::fill(acc, acc + G * D, 0.f);
-  for (int64_t s = 0; s < S; s++) {
-    if (bias[s] == -std::numeric_limits<float>::infinity()) continue;
-    const C* v = v_pool + slots[s] * row_stride;
-    for (int64_t j = 0; j < vecs; j++) {
-      const __m512 vj = load16(v + 16 * j);
-      for (int64_t g = 0; g < G; g++) {
-        float* a = acc + g * D + 16 * j;
-        _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(scores[g * S + s]), vj, _mm512_loadu_ps(a)));
-      }
-    }
+  float total = _mm512_reduce_add_ps(sums);
+  for (; s < S; s++) total += (sc[s] = std::exp(sc[s] - top));
+  __m512 acc[VECS];
+  for (int j = 0; j < VECS; j++) acc[j] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < S; t++) {
+    if (sc[t] == 0.f) continue;  // masked (or too small to count)
+    const C* v = v_pool + slots[t] * row_stride;
+    const __m512 p = _mm512_set1_ps(sc[t]);
+    for (int j = 0; j < VECS; j++) acc[j] = _mm512_fmadd_ps(p, load16(v + 16 * j), acc[j]);
   }
-  for (int64_t g = 0; g < G; g++) {
-    float total = 0.f;
-    for (int64_t s = 0; s < S; s++) total += scores[g * S + s];
-    for (int64_t d = 0; d < D; d++) out[g * D + d] = static_cast<Q>(acc[g * D + d] / total);
-  }
+  float result[16 * VECS];
+  for (int j = 0; j < VECS; j++) _mm512_storeu_ps(result + 16 * j, _mm512_div_ps(acc[j], _mm512_set1_ps(total)));
+  store_row(out, result, 16 * VECS);
 }
 
-// out [B, H, D] (q's dtype) = softmax(q K^T * scale + bias) V per row, K/V read from the paged
-// pools [blocks, block_size, Hkv, D] at context_slots [B, S]; bias [B, 1, 1, S] fp32.
+// attend_head for every (row, query head) of q [B, H, D], one item each; a few short ones run on
+// this thread (cheaper than waking the pool).
+template <typename Q, typename C>
+void attend_all(const Q* q, const C* k_pool, const C* v_pool, const int64_t* slots, const float* bias, Q* out,
+                int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t S, float scale) {
+  const int64_t G = H / Hkv;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, S * D));
+  at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<float> scores;
+    for (int64_t i = begin; i < end; i++) {
+      const int64_t b = i / H, offset = (i % H / G) * D;
+      const Q* qi = q + i * D;
+      const C *k = k_pool + offset, *v = v_pool + offset;
+      const int64_t* si = slots + b * S;
+      const float* bi = bias + b * S;
+      switch (D / 16) {
+        case 1: attend_head<1>(qi, k, v, si, bi, out + i * D, S, Hkv * D, scale, scores); break;
+        case 2: attend_head<2>(qi, k, v, si, bi, out + i * D, S, Hkv * D, scale, scores); break;
+        case 3: attend_head<3>(qi, k, v, si, bi, out + i * D, S, Hkv * D, scale, scores); break;
+        case 4: attend_head<4>(qi, k, v, si, bi, out + i * D, S, Hkv * D, scale, scores); break;
+        case 5: attend_head<5>(qi, k, v, si, bi, out + i * D, S, Hkv * D, scale, scores); break;
+        case 6: attend_head<6>(qi, k, v, si, bi, out + i * D, S, Hkv * D, scale, scores); break;
+        case 7: attend_head<7>(qi, k, v, si, bi, out + i * D, S, Hkv * D, scale, scores); break;
+        default: attend_head<8>(qi, k, v, si, bi, out + i * D, S, Hkv * D, scale, scores); break;
+      }
+    }
+  });
+}
+
+// out [B, H, D] (q's dtype) = softmax(q K^T * scale + bias) V per row and head, K/V read from the
+// paged pools [blocks, block_size, Hkv, D] at context_slots [B, S]; bias [B, 1, 1, S] fp32.
+// D a multiple of 16 up to 128.
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& context_slots, const at::Tensor& bias, double scale) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() &&
@@ -340,33 +369,23 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
               context_slots.scalar_type() == at::kLong && bias.scalar_type() == at::kFloat,
               "decode_attention: q [B, H, D], caches [blocks, block, Hkv, D], slots [B, S] int64, bias fp32");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k_cache.size(2), S = context_slots.size(1);
-  TORCH_CHECK(k_cache.size(3) == D && D % 16 == 0 && H % Hkv == 0 && context_slots.size(0) == B &&
+  TORCH_CHECK(k_cache.size(3) == D && D % 16 == 0 && D <= 128 && H % Hkv == 0 && context_slots.size(0) == B &&
               bias.numel() == B * S, "decode_attention: shapes do not match");
   const at::Tensor qc = q.contiguous(), kc = k_cache.contiguous(), vc = v_cache.contiguous();
   const at::Tensor slots = context_slots.contiguous(), bc = bias.contiguous();
   at::Tensor out = at::empty_like(qc);
-  const int64_t G = H / Hkv;
-  // (row, KV head) pairs; a batch-1 step's few run on this thread (cheaper than waking the pool)
-  const int64_t grain = std::max<int64_t>(1, 200000 / std::max<int64_t>(1, G * S * D));
-  const auto run = [&](auto* q_p, auto* pool_k, auto* pool_v, auto* out_p) {
-    at::parallel_for(0, B * Hkv, grain, [&](int64_t begin, int64_t end) {
-      thread_local std::vector<float> work;
-      for (int64_t i = begin; i < end; i++) {
-        const int64_t b = i / Hkv, h = i % Hkv;
-        attend_group(q_p + (b * H + h * G) * D, pool_k + h * D, pool_v + h * D, slots.data_ptr<int64_t>() + b * S,
-                     bc.data_ptr<float>() + b * S, out_p + (b * H + h * G) * D, G, S, D, Hkv * D,
-                     static_cast<float>(scale), work);
-      }
-    });
+  const auto run = [&](auto* q_p, auto* out_p, auto* pool_k, auto* pool_v) {
+    attend_all(q_p, pool_k, pool_v, slots.data_ptr<int64_t>(), bc.data_ptr<float>(), out_p, B, q.size(1), Hkv, D, S,
+               static_cast<float>(scale));
   };
   const auto with_q = [&](auto* pool_k, auto* pool_v) {
     if (qc.scalar_type() == at::kBFloat16) {
-      run(qc.data_ptr<at::BFloat16>(), pool_k, pool_v, out.data_ptr<at::BFloat16>());
+      run(qc.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(), pool_k, pool_v);
     } else if (qc.scalar_type() == at::kHalf) {
-      run(qc.data_ptr<at::Half>(), pool_k, pool_v, out.data_ptr<at::Half>());
+      run(qc.data_ptr<at::Half>(), out.data_ptr<at::Half>(), pool_k, pool_v);
     } else {
       TORCH_CHECK(qc.scalar_type() == at::kFloat, "decode_attention: q float32, bfloat16 or float16");
-      run(qc.data_ptr<float>(), pool_k, pool_v, out.data_ptr<float>());
+      run(qc.data_ptr<float>(), out.data_ptr<float>(), pool_k, pool_v);
     }
   };
   if (kc.scalar_type() == at::kBFloat16) {

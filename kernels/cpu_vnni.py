@@ -176,11 +176,11 @@ def int8_mm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torc
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: "DecodeMetadata",
                      scale: float) -> torch.Tensor:
-    """:func:`kernels.reference.decode_attention` in one pass (head dim a multiple of 16): each
-    (row, KV head) reads its context rows straight from the pools, in fp32, and skips masked
-    positions — no gathered fp32 copy of K and V, no matmul calls. Other head dims take the torch
-    path."""
-    if q.shape[-1] % 16:
+    """:func:`kernels.reference.decode_attention` in one pass (head dim a multiple of 16 up to
+    128): each (row, query head) reads its context rows straight from the pools, in fp32, and
+    skips masked positions — no gathered fp32 copy of K and V, no matmul calls. Other head dims
+    take the torch path."""
+    if q.shape[-1] % 16 or q.shape[-1] > 128:
         from picochat.kernels import reference
 
         return reference.decode_attention(q, k_cache, v_cache, meta, scale)
