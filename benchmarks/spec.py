@@ -11,7 +11,8 @@ One engine serves both, speculation switched between passes; every prompt runs g
 speculation off and on, alternating, ``--runs`` times after one warm-up. Per category it prints
 decode tok/s (output tokens after the first / time from first to last token, summed over the
 category's prompts; medians over runs), the speed-up and the draft acceptance rate, and checks
-that speculation left the greedy tokens unchanged. The decode step is eager by default
+that speculation left the greedy tokens unchanged (prefix caching is off, so that is speculation's
+doing alone). The decode step is eager by default
 (``--compile``: the compiled step, or the CUDA graphs with ``--device cuda``, serves plain
 decode and verification steps).
 """
@@ -25,7 +26,7 @@ import statistics
 import sys
 import time
 
-from picochat.config import EngineConfig, QuantConfig, SamplingParams, SpecConfig
+from picochat.config import EngineConfig, QuantConfig, SamplingParams, SchedulerConfig, SpecConfig
 from picochat.engine.engine import LocalEngine
 from picochat.evaluate import read_text
 
@@ -102,8 +103,12 @@ def main() -> None:
 
     # one engine, speculation switched between passes: a second engine's idle thread would keep
     # an OpenMP team of its own and slow both (see engine.run_on_passing_thread)
+    # prefix caching off: a repeated prompt would be served partly from the cache, and its
+    # remaining rows computed as a shorter chunk — which with int4 takes another path (the
+    # kernel below 64 rows, a dequantized bf16 matmul above) and changes greedy tokens by itself
     engine = LocalEngine(EngineConfig(model=args.model, dtype=args.dtype, threads=args.threads,
-                                      quant=QuantConfig(mode=args.quant), compile=args.compile, device=args.device))
+                                      quant=QuantConfig(mode=args.quant), compile=args.compile, device=args.device,
+                                      scheduler=SchedulerConfig(enable_prefix_caching=False)))
     specs = {"off": SpecConfig(), "ngram": SpecConfig(mode="ngram", k=args.k, ngram_n=args.ngram)}
     while engine.decode_step == "compiling":
         time.sleep(0.5)
