@@ -16,3 +16,7 @@ if [ "${1:-}" = "test" ]; then
 else
   "$PY" -m pip install -q -e .
 fi
+# picochat's C++ CPU kernels (int4 / int8 matmuls, decode attention) are built once per torch
+# version into the user cache dir (~30 s): here, so that the first start does not wait for them.
+# Where they cannot be built (no AVX-512 VNNI, no compiler) torch's kernels serve; nothing fails.
+"$PY" -c "from picochat.kernels import cpu_vnni; cpu_vnni.available()"
