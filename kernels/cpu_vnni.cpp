@@ -1,7 +1,7 @@
 // picochat_cpu::int4_mm and picochat_cpu::int8_mm — weight-only quantized matmuls for x86 CPUs with
 // AVX-512 VNNI, built and loaded by cpu_vnni.py. Both return y[M, N] (fp32) = x[M, K] @ W^T.
-// picochat_cpu::int4_dequantize gives the int4 weight in bf16, for prefill chunks.
-// picochat_cpu::decode_attention is kernels/reference.py's decode_attention in one pass.
+// picochat_cpu::int4_dequantize gives the int4 weight in bf16, for prefill chunks. (The attention
+// ops are in cpu_attention.cpp, built into the same library.)
 //
 // Like llama.cpp's q4_1 x q8_1 and q8_0 x q8_0 dot products, x is rounded to int8 per group of 32
 // (symmetric, one fp32 scale a per group) and each group's dot product is an exact integer sum
@@ -23,6 +23,8 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "cpu_simd.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -31,16 +33,11 @@
 
 namespace {
 
+using picochat_simd::load16;
+
 constexpr int64_t kRows = 16;    // output rows a block
 constexpr int64_t kGroup = 32;   // weights a group
 constexpr int TileRows = 8;      // x rows a pass over a block's weights (they stay in L1 across passes)
-
-// 16 floats of x from fp32 or bf16 (a bf16 is the top half of an fp32).
-inline __m512 load16(const float* x) { return _mm512_loadu_ps(x); }
-inline __m512 load16(const at::BFloat16* x) {
-  const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
-}
 
 // x [M, K] rounded to int8 per group of 32, with per (row, group) its scale a, the sum of x and
 // the sum of xq (the int8 kernel's correction term, exact in fp32). It lives in buffers of the
@@ -256,161 +253,16 @@ at::Tensor int4_dequantize(const at::Tensor& q, const at::Tensor& d, const at::T
   return out;
 }
 
-// exp of 16 floats: 2^n * exp(r) with n = round(x / ln 2), r = x - n ln 2 (in two parts), and
-// exp(r) by Cephes' expf polynomial (~1 ulp); below -104 the result is 0, as exp is in fp32.
-inline __m512 exp16(__m512 x) {
-  const __m512 clamped = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.f)), _mm512_set1_ps(88.5f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), clamped);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  const __m512 e = _mm512_scalef_ps(p, n);
-  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-104.f), _CMP_GE_OQ), e);
-}
-
-inline __m512 load16(const at::Half* x) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
-}
-
-inline void store_row(float* out, const float* values, int64_t n) { std::copy(values, values + n, out); }
-template <typename T>
-inline void store_row(T* out, const float* values, int64_t n) {  // rounded as a cast rounds
-  for (int64_t i = 0; i < n; i++) out[i] = static_cast<T>(values[i]);
-}
-
-// One query head of one row: its VECS * 16 dims against the row's S context slots, in fp32 with q
-// and the output in registers. A position whose bias is -inf is never read (its slot may be the
-// null slot or padding); the others' scores are q.k * scale + bias, then softmax, then p.v.
-template <int VECS, typename Q, typename C>
-void attend_head(const Q* q, const C* k_pool, const C* v_pool, const int64_t* slots, const float* bias, Q* out,
-                 int64_t S, int64_t row_stride, float scale, std::vector<float>& scores) {
-  constexpr float kMasked = -std::numeric_limits<float>::infinity();
-  scores.resize(S);
-  float* sc = scores.data();
-  __m512 qv[VECS];
-  for (int j = 0; j < VECS; j++) qv[j] = load16(q + 16 * j);
-  float top = kMasked;
-  for (int64_t s = 0; s < S; s++) {
-    if (bias[s] == kMasked) {
-      sc[s] = kMasked;
-      continue;
-    }
-    const C* k = k_pool + slots[s] * row_stride;
-    __m512 dot = _mm512_mul_ps(qv[0], load16(k));
-    for (int j = 1; j < VECS; j++) dot = _mm512_fmadd_ps(qv[j], load16(k + 16 * j), dot);
-    sc[s] = _mm512_reduce_add_ps(dot) * scale + bias[s];
-    top = std::max(top, sc[s]);
-  }
-  __m512 sums = _mm512_setzero_ps();
-  int64_t s = 0;
-  for (; s + 16 <= S; s += 16) {
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sc + s), _mm512_set1_ps(top)));
-    _mm512_storeu_ps(sc + s, e);
-    sums = _mm512_add_ps(sums, e);
-  }
-  float total = _mm512_reduce_add_ps(sums);
-  for (; s < S; s++) total += (sc[s] = std::exp(sc[s] - top));
-  __m512 acc[VECS];
-  for (int j = 0; j < VECS; j++) acc[j] = _mm512_setzero_ps();
-  for (int64_t t = 0; t < S; t++) {
-    if (sc[t] == 0.f) continue;  // masked (or too small to count)
-    const C* v = v_pool + slots[t] * row_stride;
-    const __m512 p = _mm512_set1_ps(sc[t]);
-    for (int j = 0; j < VECS; j++) acc[j] = _mm512_fmadd_ps(p, load16(v + 16 * j), acc[j]);
-  }
-  float result[16 * VECS];
-  for (int j = 0; j < VECS; j++) _mm512_storeu_ps(result + 16 * j, _mm512_div_ps(acc[j], _mm512_set1_ps(total)));
-  store_row(out, result, 16 * VECS);
-}
-
-// attend_head for every (row, query head) of q [B, H, D], one item each; a few short ones run on
-// this thread (cheaper than waking the pool).
-template <typename Q, typename C>
-void attend_all(const Q* q, const C* k_pool, const C* v_pool, const int64_t* slots, const float* bias, Q* out,
-                int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t S, float scale) {
-  const int64_t G = H / Hkv;
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, S * D));
-  at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
-    thread_local std::vector<float> scores;
-    for (int64_t i = begin; i < end; i++) {
-      const int64_t b = i / H, offset = (i % H / G) * D;
-      const Q* qi = q + i * D;
-      const C *k = k_pool + offset, *v = v_pool + offset;
-      const int64_t* si = slots + b * S;
-      const float* bi = bias + b * S;
-      switch (D / 16) {
-        case 1: attend_head<1>(qi, k, v, si, bi, out + i * D, S, Hkv * D, scale, scores); break;
-        case 2: attend_head<2>(qi, k, v, si, bi, out + i * D, S, Hkv * D, scale, scores); break;
-        case 3: attend_head<3>(qi, k, v, si, bi, out + i * D, S, Hkv * D, scale, scores); break;
-        case 4: attend_head<4>(qi, k, v, si, bi, out + i * D, S, Hkv * D, scale, scores); break;
-        case 5: attend_head<5>(qi, k, v, si, bi, out + i * D, S, Hkv * D, scale, scores); break;
-        case 6: attend_head<6>(qi, k, v, si, bi, out + i * D, S, Hkv * D, scale, scores); break;
-        case 7: attend_head<7>(qi, k, v, si, bi, out + i * D, S, Hkv * D, scale, scores); break;
-        default: attend_head<8>(qi, k, v, si, bi, out + i * D, S, Hkv * D, scale, scores); break;
-      }
-    }
-  });
-}
-
-// out [B, H, D] (q's dtype) = softmax(q K^T * scale + bias) V per row and head, K/V read from the
-// paged pools [blocks, block_size, Hkv, D] at context_slots [B, S]; bias [B, 1, 1, S] fp32.
-// D a multiple of 16 up to 128.
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                            const at::Tensor& context_slots, const at::Tensor& bias, double scale) {
-  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() &&
-              k_cache.scalar_type() == v_cache.scalar_type() && context_slots.dim() == 2 &&
-              context_slots.scalar_type() == at::kLong && bias.scalar_type() == at::kFloat,
-              "decode_attention: q [B, H, D], caches [blocks, block, Hkv, D], slots [B, S] int64, bias fp32");
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k_cache.size(2), S = context_slots.size(1);
-  TORCH_CHECK(k_cache.size(3) == D && D % 16 == 0 && D <= 128 && H % Hkv == 0 && context_slots.size(0) == B &&
-              bias.numel() == B * S, "decode_attention: shapes do not match");
-  const at::Tensor qc = q.contiguous(), kc = k_cache.contiguous(), vc = v_cache.contiguous();
-  const at::Tensor slots = context_slots.contiguous(), bc = bias.contiguous();
-  at::Tensor out = at::empty_like(qc);
-  const auto run = [&](auto* q_p, auto* out_p, auto* pool_k, auto* pool_v) {
-    attend_all(q_p, pool_k, pool_v, slots.data_ptr<int64_t>(), bc.data_ptr<float>(), out_p, B, q.size(1), Hkv, D, S,
-               static_cast<float>(scale));
-  };
-  const auto with_q = [&](auto* pool_k, auto* pool_v) {
-    if (qc.scalar_type() == at::kBFloat16) {
-      run(qc.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(), pool_k, pool_v);
-    } else if (qc.scalar_type() == at::kHalf) {
-      run(qc.data_ptr<at::Half>(), out.data_ptr<at::Half>(), pool_k, pool_v);
-    } else {
-      TORCH_CHECK(qc.scalar_type() == at::kFloat, "decode_attention: q float32, bfloat16 or float16");
-      run(qc.data_ptr<float>(), out.data_ptr<float>(), pool_k, pool_v);
-    }
-  };
-  if (kc.scalar_type() == at::kBFloat16) {
-    with_q(kc.data_ptr<at::BFloat16>(), vc.data_ptr<at::BFloat16>());
-  } else if (kc.scalar_type() == at::kHalf) {
-    with_q(kc.data_ptr<at::Half>(), vc.data_ptr<at::Half>());
-  } else {
-    TORCH_CHECK(kc.scalar_type() == at::kFloat, "decode_attention: caches float32, bfloat16 or float16");
-    with_q(kc.data_ptr<float>(), vc.data_ptr<float>());
-  }
-  return out;
-}
-
 }  // namespace
 
 TORCH_LIBRARY(picochat_cpu, lib) {
   lib.def("int4_mm(Tensor x, Tensor q, Tensor d, Tensor m) -> Tensor");
   lib.def("int8_mm(Tensor x, Tensor w, Tensor s) -> Tensor");
   lib.def("int4_dequantize(Tensor q, Tensor d, Tensor m) -> Tensor");
-  lib.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor context_slots, Tensor bias, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(picochat_cpu, CPU, lib) {
   lib.impl("int4_mm", &int4_mm);
   lib.impl("int8_mm", &int8_mm);
   lib.impl("int4_dequantize", &int4_dequantize);
-  lib.impl("decode_attention", &decode_attention);
 }

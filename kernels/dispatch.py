@@ -14,6 +14,7 @@ picks its backend once, when it packs the weights, and then calls :func:`int8_ma
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from typing import Callable
 
@@ -64,11 +65,16 @@ def set_attention_backend(name: str | None) -> None:
     _attention_override = name
 
 
-def attention_fn(backend: str) -> AttentionFn:
-    """paged attention ``f(q, k_cache, v_cache, meta, scale, sliding_window) -> out``."""
+def attention_fn(backend: str, device: torch.device) -> AttentionFn:
+    """paged attention ``f(q, k_cache, v_cache, meta, scale, sliding_window) -> out``. On a CPU
+    with picochat's bf16 attention kernel, the sdpa backend's bf16 prefill chunks take it."""
     if backend == "reference":
         return reference.paged_attention_reference
     if backend == "sdpa":
+        from picochat.kernels import cpu_vnni
+
+        if device.type == "cpu" and cpu_vnni.bf16_attention_available():
+            return functools.partial(reference.paged_attention_sdpa, chunk_kernel=cpu_vnni.prefill_attention)
         return reference.paged_attention_sdpa
     if backend == "triton":
         from picochat.kernels import triton_attention

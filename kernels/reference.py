@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +74,11 @@ class DecodeMetadata:
         return cls(slot_mapping, torch.where(visible, slots, null_slot), bias.view(b, 1, 1, -1))
 
 
+# causal attention of one sequence's query chunk q [Lq, H, D] over its K/V [L, Hkv, D] (the chunk
+# is the last Lq positions), or None for a chunk the kernel does not take
+ChunkKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor | None]
+
+
 # ------------------------------------------------------------------------------------ KV write
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -112,17 +118,19 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 
 def paged_attention_sdpa(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         meta: AttentionMetadata, scale: float,
-                         sliding_window: int | None = None) -> torch.Tensor:
+                         meta: AttentionMetadata, scale: float, sliding_window: int | None = None,
+                         chunk_kernel: ChunkKernel | None = None) -> torch.Tensor:
     """The fast CPU path, one sequence at a time: SDPA for prefill chunks, an fp32 bmm with the
-    query heads of each KV group folded together for decode rows."""
+    query heads of each KV group folded together for decode rows. ``chunk_kernel`` (picochat's
+    CPU kernel, where ``dispatch`` finds it) takes the causal prefill chunks it supports first."""
     out = torch.empty_like(q)
     h, hkv, d = q.shape[1], k_cache.shape[2], q.shape[2]
     group = h // hkv
     start = 0
     for i, (q_len, seq_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
-        ks = gather_kv(k_cache, meta.block_tables[i], seq_len).transpose(0, 1)  # [Hkv, L, D]
-        vs = gather_kv(v_cache, meta.block_tables[i], seq_len).transpose(0, 1)
+        k_rows = gather_kv(k_cache, meta.block_tables[i], seq_len)  # [L, Hkv, D]
+        v_rows = gather_kv(v_cache, meta.block_tables[i], seq_len)
+        ks, vs = k_rows.transpose(0, 1), v_rows.transpose(0, 1)  # [Hkv, L, D]
         qs = q[start:start + q_len]  # [Lq, H, D]
         if q_len == 1 and (sliding_window is None or seq_len <= sliding_window):
             # one query: the heads of a KV group become the rows of one fp32 bmm (cheaper than SDPA
@@ -131,6 +139,9 @@ def paged_attention_sdpa(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
             scores = torch.bmm(qg, ks.float().transpose(1, 2)).mul_(scale)  # [Hkv, G, L]
             o = torch.bmm(scores.softmax(dim=-1), vs.float())  # [Hkv, G, D]
             out[start] = o.view(h, d)
+        elif chunk_kernel is not None and sliding_window is None and \
+                (o := chunk_kernel(qs, k_rows, v_rows, scale)) is not None:
+            out[start:start + q_len] = o
         else:
             # 4-D inputs: torch's CPU flash kernel takes those (3-D ones fall back to plain math,
             # ~9x slower for a 512-token prefill), and it does GQA without copying K/V per head

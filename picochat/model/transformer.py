@@ -32,7 +32,7 @@ class Kernels:
 
     @classmethod
     def select(cls, attention_backend: str, device: torch.device) -> "Kernels":
-        return cls(dispatch.attention_fn(attention_backend), dispatch.decode_attention_fn(attention_backend, device),
+        return cls(dispatch.attention_fn(attention_backend, device), dispatch.decode_attention_fn(attention_backend, device),
                    dispatch.rms_norm_fn(device), dispatch.rope_fn(device))
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from picochat.kernels import cpu_vnni, reference
+from picochat.kernels import cpu_vnni, dispatch, reference
 from picochat.kernels.reference import DecodeMetadata, paged_attention_sdpa
 from test_attention import fp32_reference, make_step
 
@@ -80,3 +80,38 @@ def test_decode_step_rows_do_not_depend_on_the_rows_beside_them(decode_attention
         for i in range(5):
             alone = decode_attention(q[i:i + 1], k_cache, v_cache, meta(slice(i, i + 1)), dim ** -0.5)
             assert torch.equal(alone, batch[i:i + 1]), (seq_len, i)
+
+
+needs_bf16_kernel = pytest.mark.skipif(not cpu_vnni.bf16_attention_available(),
+                                       reason="needs an AVX512-BF16 CPU and a C++ compiler")
+
+
+@needs_bf16_kernel
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+def test_bf16_prefill_kernel_matches_reference(head_dim):
+    """picochat's flash-attention prefill kernel inside the sdpa path: chunks shorter and longer
+    than its 8-query tiles and 64-key steps, a chunk after a cached prefix, decode rows beside."""
+    seqs = [(130, 130), (1, 19), (70, 200), (9, 9), (3, 67), (64, 64)]
+    q, k_cache, v_cache, meta = make_step(seqs, 6, 2, head_dim, 16, torch.bfloat16, seed=5)
+    k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
+    poison_unwritten(k_cache, v_cache, meta)
+    taken = []
+
+    def kernel(*args):
+        taken.append(cpu_vnni.prefill_attention(*args))
+        return taken[-1]
+
+    got = paged_attention_sdpa(q, k_cache, v_cache, meta, head_dim ** -0.5, chunk_kernel=kernel)
+    assert len(taken) == 5 and all(out is not None for out in taken)  # every chunk but the decode row
+    expected = fp32_reference(q, k_cache, v_cache, meta, head_dim ** -0.5).bfloat16()
+    torch.testing.assert_close(got, expected, atol=2e-2, rtol=1e-2)
+
+
+@needs_bf16_kernel
+def test_bf16_prefill_kernel_declines_what_it_does_not_take():
+    q, k = torch.randn(4, 2, 16).bfloat16(), torch.randn(4, 1, 16).bfloat16()
+    assert cpu_vnni.prefill_attention(q, k, k, 0.25) is None  # head dim 16
+    assert cpu_vnni.prefill_attention(q.float().repeat(1, 1, 2), k.float().repeat(1, 1, 2), k.float().repeat(1, 1, 2),
+                                      0.25) is None  # fp32
+    dispatched = dispatch.attention_fn("sdpa", torch.device("cpu"))
+    assert dispatched.keywords["chunk_kernel"] is cpu_vnni.prefill_attention
