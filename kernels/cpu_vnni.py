@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("picochat.kernels")
 
-SOURCES = [Path(__file__).with_name(name) for name in ("cpu_vnni.cpp", "cpu_attention.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_vnni.cpp", "cpu_attention.cpp", "cpu_norm.cpp")]
 HEADER = Path(__file__).with_name("cpu_simd.h")
 ROWS = 16  # output rows a block of the packed layout
 GROUP = 32  # weights a quantization group in the packed layout
@@ -113,6 +113,15 @@ def _register_fakes() -> None:
     @torch.library.register_fake("picochat_cpu::decode_attention")
     def _(q, k_cache, v_cache, context_slots, bias, scale):
         return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("picochat_cpu::rms_norm")
+    def _(x, weight, eps):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("picochat_cpu::add_rms_norm")
+    def _(x, residual, weight, eps):
+        return (torch.empty_like(x, memory_format=torch.contiguous_format),
+                torch.empty_like(x, memory_format=torch.contiguous_format))
 
     @torch.library.register_fake("picochat_cpu::prefill_attention")
     def _(q, k, v, scale):
@@ -213,3 +222,17 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     if q.dtype != torch.bfloat16 or k.dtype != torch.bfloat16 or q.shape[-1] not in PREFILL_HEAD_DIMS:
         return None
     return torch.ops.picochat_cpu.prefill_attention(q, k, v, scale)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`kernels.reference.rms_norm` as one op for bf16 / fp16 rows (``cpu_norm.cpp``), which
+    the eager forward and the compiled step share, so both sum each row the same way; fp32 and
+    other shapes take the reference (fp32 stays op for op what HF transformers computes)."""
+    if x.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != x.dtype or x.shape[-1] % 16:
+        from picochat.kernels import reference
+
+        return reference.rms_norm(x, weight, eps, residual)
+    if residual is None:
+        return torch.ops.picochat_cpu.rms_norm(x, weight, eps), x
+    return torch.ops.picochat_cpu.add_rms_norm(x, residual, weight, eps)

@@ -109,10 +109,15 @@ def set_kernel_backend(name: str | None) -> None:
 
 
 def rms_norm_fn(device: torch.device) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """``f(x, weight, eps, residual=None) -> (normed, new_residual)``."""
+    """``f(x, weight, eps, residual=None) -> (normed, new_residual)``; on a CPU with picochat's
+    kernels, their op for bf16 / fp16 rows."""
     if resolve_kernel_backend(device) == "triton":
         from picochat.kernels import triton_norm_rope
         return triton_norm_rope.rms_norm
+    from picochat.kernels import cpu_vnni
+
+    if device.type == "cpu" and cpu_vnni.available():
+        return cpu_vnni.rms_norm
     return reference.rms_norm
 
 

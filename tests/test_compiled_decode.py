@@ -210,3 +210,30 @@ def test_compile_left_unset_builds_no_cpu_step(tiny_loaded):
         assert engine.submit(PROMPTS[0], GREEDY).result().error is None
     finally:
         engine.close()
+
+
+@pytest.mark.slow
+def test_compiled_int4_step_keeps_the_default_models_greedy_tokens(default_gguf_path):
+    """The default model, int4: the compiled step's greedy tokens equal the eager step's, one
+    request at a time and five together. (Every reduction of the step is one of picochat's ops,
+    shared by both paths: with inductor's own RMSNorm sums the tokens parted after 16-154.)"""
+    prompts = [[{"role": "user", "content": text}] for text in (
+        "Write a short story about a robot learning to paint.", "Explain how a CPU cache works.",
+        "List ten fruits and describe each in one sentence.", "What is the capital of France? Tell me its history.",
+        "Write a Python function that checks whether a number is prime, and explain it.")]
+    params = SamplingParams(temperature=0.0, max_tokens=96, ignore_eos=True)
+    outputs = []
+    for compile in (False, True):
+        engine = LocalEngine(EngineConfig(model=str(default_gguf_path), dtype="bfloat16", quant=QuantConfig("int4"),
+                                          compile=compile, scheduler=SchedulerConfig(enable_prefix_caching=False)))
+        try:
+            if compile:
+                wait_for_fast_step(engine, "compiled")
+            alone = [engine.submit(p, params).result().token_ids for p in prompts]
+            together = [s.result().token_ids for s in submit_together(engine, prompts, params)]
+            outputs.append((alone, together))
+            if compile:
+                assert engine.runner.compiled.steps_served >= 2 * (params.max_tokens - 1)
+        finally:
+            engine.close()
+    assert outputs[1] == outputs[0]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kernel_checks import DEVICE, assert_close, gpu
-from picochat.kernels import dispatch, quant_reference, reference
+from picochat.kernels import cpu_vnni, dispatch, quant_reference, reference
 
 CPU = torch.device("cpu")
 
@@ -19,7 +19,8 @@ def no_override():
 
 def test_cpu_gets_the_torch_twins():
     assert dispatch.resolve_kernel_backend(CPU) == "torch"
-    assert dispatch.rms_norm_fn(CPU) is reference.rms_norm
+    # picochat's C++ norm where its CPU kernels load (it falls back to the twin for fp32)
+    assert dispatch.rms_norm_fn(CPU) is (cpu_vnni.rms_norm if cpu_vnni.available() else reference.rms_norm)
     assert dispatch.rope_fn(CPU) is reference.apply_rope
 
 
