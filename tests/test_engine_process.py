@@ -12,7 +12,7 @@ import pytest
 
 from picochat.config import EngineConfig, SamplingParams
 from picochat.engine.engine import LocalEngine
-from picochat.engine.process import EngineProcess
+from picochat.engine.process import ENGINE_NICENESS, EngineProcess
 from picochat.engine.protocol import Delta, Stream
 from picochat.errors import ConfigError, EngineClosedError, ModelLoadError, PromptTooLongError
 
@@ -81,6 +81,15 @@ def test_errors_and_settings_cross_the_process_boundary(config):
         assert stream.get(timeout=30) is not None
         engine.cancel(stream.request_id)
         assert stream.result().finish_reason == "cancelled"
+    finally:
+        engine.close()
+
+
+def test_the_child_yields_the_cores_to_the_console(config, monkeypatch):
+    monkeypatch.delenv("PICOCHAT_ENGINE_NICENESS", raising=False)
+    engine = EngineProcess(config)
+    try:
+        assert psutil.Process(engine._process.pid).nice() == os.nice(0) + ENGINE_NICENESS > os.nice(0)
     finally:
         engine.close()
 

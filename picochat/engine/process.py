@@ -42,6 +42,10 @@ from picochat.engine.protocol import Delta, EngineInfo, MetricsSnapshot, Prompt,
 from picochat.errors import EngineClosedError, PicochatError
 from picochat.progress import ProgressFn
 
+# the child runs at this niceness (``PICOCHAT_ENGINE_NICENESS`` overrides it): on a small machine
+# the engine's threads keep every core busy while a reply streams, and at equal priority a key
+# or a repaint of the console waited behind them (keystroke-to-screen tail, benchmarks/console.py)
+ENGINE_NICENESS = 5
 CALLS = frozenset({"submit", "metrics", "reconfigure", "count_prompt_tokens"})
 
 
@@ -232,6 +236,10 @@ class EngineProcess:
 def serve(conn: Connection) -> None:
     """The child: load the engine, then answer the parent's calls until the pipe closes."""
     _, config = conn.recv()
+    try:  # the console's keys and repaints come first when both want a core
+        os.nice(int(os.environ.get("PICOCHAT_ENGINE_NICENESS", ENGINE_NICENESS)))
+    except (OSError, ValueError):
+        pass
     send_lock = threading.Lock()
 
     def send(message: tuple) -> None:

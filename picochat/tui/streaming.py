@@ -16,7 +16,9 @@ from textual.message import Message
 from picochat.engine.protocol import Stream
 from picochat.tui.messages import ReplyChunk, ReplyFinished
 
-MAX_REPAINTS_PER_S = 25.0
+# 15, not 25: on 2 cores the repaints' CPU came out of the engine's (benchmarks/console.py, bf16,
+# one run each: console / headless decode 0.82 at 25 a second, 0.88 at 15; keystroke max 100 -> 42 ms)
+MAX_REPAINTS_PER_S = 15.0
 
 
 def pump(stream: Stream, post: Callable[[Message], object], max_rate_hz: float = MAX_REPAINTS_PER_S) -> None:
