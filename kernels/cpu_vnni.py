@@ -1,6 +1,6 @@
 """picochat's own CPU kernels (``cpu_vnni.cpp``: int4 and int8 matmuls; ``cpu_attention.cpp``:
-decode and bf16 prefill attention; ``cpu_simd.h``: their shared AVX-512 helpers): building them,
-their weight layouts, their ops.
+decode and bf16 prefill attention; ``cpu_norm.cpp``: RMSNorm of bf16 / fp16 rows; ``cpu_simd.h``:
+their shared AVX-512 helpers): building them, their weight layouts, their ops.
 
 torch's ``_weight_int4pack_mm_for_cpu`` reads the default model's int4 linears at ~7.7 GB/s on the
 2-core test host, where a plain read of the same bytes runs at ~14 GB/s, and its time grows with
@@ -14,7 +14,9 @@ fourth is the decode-only step's attention (``decode_attention``, what ``dispatc
 CPU's sdpa backend where these kernels load); a fifth is causal flash attention of bf16 prefill
 chunks on AVX512-BF16 dot products (``prefill_attention``, ~6x torch's CPU flash kernel on a
 512-token prompt), compiled for that instruction set alone and used only where the CPU reports
-``avx512_bf16``.
+``avx512_bf16``; the last is RMSNorm (``rms_norm``), which the eager forward and the compiled
+decode step share so that both sum each row alike (inductor's own sums made the compiled step's
+greedy tokens part from the eager step's).
 
 The extension is compiled once per torch version and source (~25 s) into the user cache dir, on
 first use, and only on a CPU that reports ``avx512f``, ``avx512bw``, ``avx512_vnni`` and ``f16c``.

@@ -5,7 +5,8 @@ path), ``reference`` (plain fp32 math). ``auto`` picks triton on CUDA when trito
 sdpa. Tests and the palette override with :func:`set_attention_backend`.
 
 Norms, RoPE and the quantized matmuls have two backends, ``triton`` (CUDA only) and ``torch`` (the
-reference twins); :func:`resolve_kernel_backend` picks one per device, tests override it with
+reference twins; on a CPU where picochat's C++ kernels load, the norm is their op);
+:func:`resolve_kernel_backend` picks one per device, tests override it with
 :func:`set_kernel_backend`. The quantized matmuls store their weights differently per backend
 (``quant_reference.pack_int4`` for Triton, torch's int4pack on the CPU), so the quantization code
 picks its backend once, when it packs the weights, and then calls :func:`int8_matmul` /
