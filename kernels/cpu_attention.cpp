@@ -29,13 +29,14 @@ using picochat_simd::exp16;
 using picochat_simd::load16;
 using picochat_simd::store_row;
 
+constexpr float kMasked = -std::numeric_limits<float>::infinity();  // a position not seen
+
 // One query head of one row: its VECS * 16 dims against the row's S context slots, in fp32 with q
 // and the output in registers. A position whose bias is -inf is never read (its slot may be the
 // null slot or padding); the others' scores are q.k * scale + bias, then softmax, then p.v.
 template <int VECS, typename Q, typename C>
 void attend_head(const Q* q, const C* k_pool, const C* v_pool, const int64_t* slots, const float* bias, Q* out,
                  int64_t S, int64_t row_stride, float scale, std::vector<float>& scores) {
-  constexpr float kMasked = -std::numeric_limits<float>::infinity();
   scores.resize(S);
   float* sc = scores.data();
   __m512 qv[VECS];
@@ -150,7 +151,6 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
 
 constexpr int kTile = 8;     // queries a tile
 constexpr int kChunk = 64;   // keys a softmax step
-constexpr float kMasked = -std::numeric_limits<float>::infinity();
 
 inline __m512 dot_pairs(__m512 acc, uint32_t a, __m512i b) {  // acc + the two bf16 products a lane
   return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32(static_cast<int>(a)), (__m512bh)b);
