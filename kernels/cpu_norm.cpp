@@ -14,6 +14,7 @@
 
 #include "cpu_simd.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <tuple>
@@ -22,21 +23,13 @@ namespace {
 
 using picochat_simd::load16;
 
-inline __m512 round_to(const at::BFloat16*, __m512 v) {  // v rounded to bf16 (nearest, ties to even)
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), lsb);
-  const __m512i kept = _mm512_and_si512(rounded, _mm512_set1_epi32(static_cast<int>(0xffff0000u)));
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);  // NaN stays NaN (quiet)
-  return _mm512_mask_mov_ps(_mm512_castsi512_ps(kept), nan, _mm512_set1_ps(NAN));
-}
+inline __m512 round_to(const at::BFloat16*, __m512 v) { return picochat_simd::round_bf16(v); }
 inline __m512 round_to(const at::Half*, __m512 v) {
   return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 
-inline void store16(at::BFloat16* out, __m512 rounded) {  // an already rounded value: its top half
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out),
-                      _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(rounded), 16)));
+inline void store16(at::BFloat16* out, __m512 rounded) {  // an already rounded value
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), picochat_simd::bf16_halves(rounded));
 }
 inline void store16(at::Half* out, __m512 rounded) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtps_ph(rounded, _MM_FROUND_TO_NEAREST_INT));

@@ -44,4 +44,18 @@ inline void store_row(T* out, const float* values, int64_t n) {  // rounded as a
   for (int64_t i = 0; i < n; i++) out[i] = static_cast<T>(values[i]);
 }
 
+// v rounded to bf16 (to nearest, ties to even; NaN stays NaN), still as floats.
+inline __m512 round_bf16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  const __m512 kept = _mm512_castsi512_ps(_mm512_and_si512(rounded, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  return _mm512_mask_mov_ps(kept, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_ps(__builtin_nanf("")));
+}
+
+// The 16 bf16 of floats already rounded to bf16 (their top halves).
+inline __m256i bf16_halves(__m512 rounded) {
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(rounded), 16));
+}
+
 }  // namespace picochat_simd

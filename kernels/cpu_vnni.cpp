@@ -226,12 +226,7 @@ at::Tensor int4_dequantize(const at::Tensor& q, const at::Tensor& d, const at::T
   // lanes 4v + b of lo (weight 8v + b) and hi (weight 8v + 4 + b) into weights 0..15 and 16..31
   const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
   const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
-  const auto to_bf16 = [](__m512 v) {  // round to nearest even, keep the top half
-    const __m512i bits = _mm512_castps_si512(v);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
-    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
-  };
+  const auto to_bf16 = [](__m512 v) { return picochat_simd::bf16_halves(picochat_simd::round_bf16(v)); };
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; b++) {
       for (int64_t g = 0; g < G; g++) {
